@@ -1,0 +1,224 @@
+"""The `gpucap` command: run, snapshot, scenarios, check-config.
+
+Exit codes: 0 ok, 2 usage or config/scenario error (the message names file and key), 1 runtime
+failure (e.g. no NVIDIA driver). Every option can also be set as a GPUCAP_* environment variable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import click
+
+from agent import __version__
+from agent.config import Config, load_config, parse_listen
+from collectors.schema import InputError, parse_duration
+
+log = logging.getLogger("gpucap")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname.lower(),
+               "logger": record.name, "msg": record.getMessage()}
+        if hasattr(record, "collector"):
+            out["collector"] = record.collector  # type: ignore[attr-defined]
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    logging.getLogger("grpc").setLevel(logging.WARNING)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"gpucap: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _config(path: str | None) -> Config:
+    try:
+        return load_config(path)
+    except InputError as e:
+        _fail(str(e), 2)
+        raise  # unreachable
+
+
+def _duration(ctx: Any, param: Any, value: Any) -> float | None:
+    if value is None:
+        return None
+    d = parse_duration(value)
+    if d is None or d < 0:
+        raise click.BadParameter(f"expected a duration like 30s, 45m, 2h or 7d, got {value!r}")
+    return d
+
+
+def _build(config: Config, simulate: str | None, **kw: Any) -> Any:
+    from agent.sources import build_runtime
+
+    try:
+        return build_runtime(config, simulate=simulate, **kw)
+    except InputError as e:
+        _fail(str(e), 2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="gpucap")
+def main() -> None:
+    """gpucap: GPU capacity and cost agent for Kubernetes nodes.
+
+    Try it without a GPU: gpucap snapshot --simulate demo
+    """
+
+
+@main.command()
+@click.option("--config", "config_path", envvar="GPUCAP_CONFIG", type=click.Path(dir_okay=False),
+              help="YAML config file (see docs/configuration.md).")
+@click.option("--listen", envvar="GPUCAP_LISTEN", default=None, help="Address of /metrics and /healthz [:9470].")
+@click.option("--interval", envvar="GPUCAP_INTERVAL", callback=_duration, default=None,
+              help="NVML collection interval, e.g. 10s (overrides nvml.interval).")
+@click.option("--simulate", envvar="GPUCAP_SIMULATE", default=None, metavar="SCENARIO",
+              help="Run on a simulated node: a built-in scenario name (gpucap scenarios) or a YAML file.")
+@click.option("--speed", envvar="GPUCAP_SPEED", type=click.FloatRange(min=0.001), default=1.0, show_default=True,
+              help="With --simulate: simulated time runs this many times faster.")
+@click.option("--history", envvar="GPUCAP_HISTORY", default=None, help="SQLite history file (reserved).")
+@click.option("--log-format", envvar="GPUCAP_LOG_FORMAT", type=click.Choice(["text", "json"]), default=None)
+@click.option("--log-level", envvar="GPUCAP_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
+              default=None)
+def run(config_path: str | None, listen: str | None, interval: float | None, simulate: str | None, speed: float,
+        history: str | None, log_format: str | None, log_level: str | None) -> None:
+    """Run the agent: collect in the background, serve /metrics and /healthz."""
+    from dataclasses import replace
+
+    from agent.exposition import MetricsServer
+
+    config = _config(config_path)
+    if listen is not None:
+        if parse_listen(listen) is None:
+            raise click.BadParameter(f"expected HOST:PORT or :PORT, got {listen!r}", param_hint="--listen")
+        config = replace(config, listen=listen)
+    if interval is not None:
+        config = replace(config, nvml=replace(config.nvml, interval=interval))
+    setup_logging(log_format or config.log_format, log_level or config.log_level)
+    rt = _build(config, simulate, speed=speed, realtime=True)
+    host, port = parse_listen(config.listen)  # type: ignore[misc]
+    try:
+        server = MetricsServer(host, port, lambda: rt.agent.state, lambda: rt.agent.last_evaluation_real,
+                               stale_after=max(120.0, 6 * config.nvml.interval / max(speed, 1.0)))
+    except OSError as e:
+        rt.close()
+        _fail(f"cannot listen on {config.listen}: {e}", 1)
+    rt.agent.evaluate_now(rt.clock.now())
+    rt.agent.start()
+    server.start()
+    log.info("gpucap %s serving on %s (node %s%s)", __version__, f"{host or '0.0.0.0'}:{server.port}",
+             rt.node_name, f", simulated scenario {simulate} at {speed:g}x" if simulate else "")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    log.info("shutting down")
+    server.stop()
+    rt.close()
+
+
+@main.command()
+@click.option("--config", "config_path", envvar="GPUCAP_CONFIG", type=click.Path(dir_okay=False))
+@click.option("--simulate", envvar="GPUCAP_SIMULATE", default=None, metavar="SCENARIO",
+              help="A built-in scenario name or a YAML file instead of this node's GPUs.")
+@click.option("--at", "at", envvar="GPUCAP_AT", callback=_duration, default=None,
+              help="With --simulate: run the simulated clock forward first, e.g. 45m.")
+@click.option("--format", "fmt", envvar="GPUCAP_FORMAT", type=click.Choice(["table", "json", "prometheus"]),
+              default="table", show_default=True)
+@click.option("--start", "start", envvar="GPUCAP_START", type=float, default=None, hidden=True,
+              help="With --simulate: the simulated clock's start (Unix seconds), for reproducible output.")
+def snapshot(config_path: str | None, simulate: str | None, at: float | None, fmt: str, start: float | None) -> None:
+    """Collect once from every source and print the node: every GPU, who holds it, how busy, what it costs."""
+    from agent.exposition import render
+    from agent.report import to_json, to_table
+
+    if at is not None and not simulate:
+        raise click.UsageError("--at needs --simulate (a real node cannot be fast-forwarded)")
+    config = _config(config_path)
+    setup_logging("text", "error")
+    rt = _build(config, simulate, realtime=False, start=start)
+    try:
+        state = take_snapshot(rt, at or 0.0, simulate is not None)
+    finally:
+        rt.close()
+    nvml = next((c for c in state.collectors if c.name == "nvml"), None)
+    if nvml is not None and not nvml.success and not state.devices:
+        _fail(f"{nvml.last_error}", 1)
+    if fmt == "json":
+        click.echo(json.dumps(to_json(state), indent=2))
+    elif fmt == "prometheus":
+        click.echo(render(state), nl=False)
+    else:
+        click.echo(to_table(state), nl=False)
+
+
+def take_snapshot(rt: Any, at: float, simulated: bool) -> Any:
+    """Two collections 1 s apart (GPM needs two samples); with --at, first the simulated time."""
+    agent = rt.agent
+    if simulated:
+        start = rt.clock.now()
+        agent.run_until(rt.clock, start + at, rt.config.nvml.interval)
+        rt.clock.advance(1.0)
+    else:
+        agent.step(rt.clock.now())
+        time.sleep(1.0)
+    for s in agent.sources.values():
+        s.next_due = 0.0
+    return agent.step(rt.clock.now())
+
+
+@main.command()
+def scenarios() -> None:
+    """List the built-in simulated scenarios."""
+    from collectors.simulated.scenario import builtin_names, load_scenario
+
+    for name in builtin_names():
+        sc = load_scenario(name)
+        click.echo(f"{name:12s} {len(sc.gpus)}x {sc.model.key:14s} {sc.description}")
+
+
+@main.command("check-config")
+@click.argument("path", type=click.Path(dir_okay=False))
+def check_config(path: str) -> None:
+    """Validate a config file: exit 0 if good, 2 with the file, key and expectation if not."""
+    cfg = _config(path)
+    click.echo(f"{path}: ok (node {cfg.node_name or '$NODE_NAME'}, listen {cfg.listen}, "
+               f"idle threshold {cfg.idle.threshold:g} for {cfg.idle.window:g}s)")
+
+
+@main.command("check-scenario")
+@click.argument("scenario")
+def check_scenario(scenario: str) -> None:
+    """Validate a scenario file (or built-in name): exit 0 if good, 2 naming the key if not."""
+    from collectors.simulated.scenario import load_scenario
+
+    try:
+        sc = load_scenario(scenario)
+    except InputError as e:
+        _fail(str(e), 2)
+    click.echo(f"{scenario}: ok ({len(sc.gpus)}x {sc.model.key}, {len(sc.pods)} pods, {len(sc.faults)} faults)")
+
+
+if __name__ == "__main__":
+    main()

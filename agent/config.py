@@ -1,0 +1,242 @@
+"""gpucap's configuration: one frozen dataclass tree; all validation and error messages live here.
+
+Every key is optional; defaults are documented in docs/configuration.md. A mistake names the
+file, the dotted key and what was expected (`InputError`), which the CLI turns into exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from collectors.pricing import PricingConfig, PricingConfigError, pricing_config_from_dict
+from collectors.schema import InputError, Reader, load_yaml_file
+
+DEFAULT_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
+
+
+@dataclass(frozen=True, slots=True)
+class SourceConfig:
+    interval: float
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class KubeletConfig:
+    socket: str = DEFAULT_SOCKET
+    interval: float = 10.0
+    timeout: float = 5.0
+    explicit: bool = False  # set in the config file: wins over the simulated kubelet
+
+
+@dataclass(frozen=True, slots=True)
+class KubernetesConfig:
+    enabled: bool = True
+    kubeconfig: str = ""
+    resync: float = 60.0
+    interval: float = 15.0
+    team_label_keys: tuple[str, ...] = ("team", "app.kubernetes.io/part-of")
+    pod_label_allowlist: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessesConfig:
+    enabled: bool = True
+    procfs: str = "/proc"
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceTargetConfig:
+    url: str
+    namespace: str = ""
+    pod: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceConfig:
+    discover: bool = True
+    interval: float = 15.0
+    timeout: float = 2.0
+    max_bytes: int = 10 * 2**20
+    targets: tuple[InferenceTargetConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class IdleConfig:
+    threshold: float = 0.05
+    window: float = 1800.0
+
+
+@dataclass(frozen=True, slots=True)
+class SaturationConfig:
+    window: float = 300.0
+    queue_fraction: float = 0.5
+    kv_cache_threshold: float = 0.95
+    sm_active_threshold: float = 0.95
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryConfig:
+    path: str = ""
+    interval: float = 60.0
+    retention: float = 30 * 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    node_name: str = ""
+    listen: str = ":9470"
+    log_format: str = "text"
+    log_level: str = "info"
+    nvml: SourceConfig = SourceConfig(10.0, 5.0)
+    kubelet: KubeletConfig = KubeletConfig()
+    kubernetes: KubernetesConfig = KubernetesConfig()
+    processes: ProcessesConfig = ProcessesConfig()
+    inference: InferenceConfig = InferenceConfig()
+    idle: IdleConfig = IdleConfig()
+    saturation: SaturationConfig = SaturationConfig()
+    outcome_window: float = 900.0
+    pricing: PricingConfig = field(default_factory=lambda: pricing_config_from_dict(None, "defaults"))
+    history: HistoryConfig = HistoryConfig()
+    path: str = ""
+
+    def resolved_node_name(self) -> str:
+        return self.node_name or os.environ.get("NODE_NAME") or socket.gethostname()
+
+    def with_overrides(self, **kw: Any) -> Config:
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+def load_config(path: str | None) -> Config:
+    """Read and validate a config file; no file → all defaults."""
+    if not path:
+        return Config()
+    return config_from_dict(load_yaml_file(path, "config"), path)
+
+
+def config_from_dict(data: Any, where: str) -> Config:
+    r = Reader(data, where)
+    node_name = r.str("node_name", "")
+    listen = r.str("listen", ":9470")
+    _check_listen(r, listen)
+    lg = r.section("log")
+    log_format = lg.str("format", "text", choices=("text", "json"))
+    log_level = lg.str("level", "info", choices=("debug", "info", "warning", "error"))
+    lg.done()
+
+    nv = r.section("nvml")
+    nvml = SourceConfig(nv.duration("interval", 10.0), nv.duration("timeout", 5.0))
+    nv.done()
+
+    kl = r.section("kubelet")
+    kubelet = KubeletConfig(
+        socket=kl.str("socket", DEFAULT_SOCKET), interval=kl.duration("interval", 10.0),
+        timeout=kl.duration("timeout", 5.0), explicit=kl.has("socket"),
+    )
+    kl.done()
+
+    k8 = r.section("kubernetes")
+    kube = KubernetesConfig(
+        enabled=k8.bool("enabled", True), kubeconfig=k8.str("kubeconfig", ""), resync=k8.duration("resync", 60.0),
+        interval=k8.duration("interval", 15.0),
+        team_label_keys=_str_list(k8, "team_label_keys", ["team", "app.kubernetes.io/part-of"]),
+        pod_label_allowlist=_str_list(k8, "pod_label_allowlist", []),
+    )
+    k8.done()
+
+    pr = r.section("processes")
+    procs = ProcessesConfig(enabled=pr.bool("enabled", True), procfs=pr.str("procfs", "/proc"))
+    pr.done()
+
+    inf = r.section("inference")
+    targets = []
+    for tr in inf.items("targets"):
+        url = tr.str("url")
+        if not url.startswith(("http://", "https://")):
+            raise tr.error("url", "an http:// or https:// URL", url)
+        targets.append(InferenceTargetConfig(url, tr.str("namespace", ""), tr.str("pod", "")))
+        tr.done()
+    inference = InferenceConfig(
+        discover=inf.bool("discover", True), interval=inf.duration("interval", 15.0),
+        timeout=inf.duration("timeout", 2.0), max_bytes=inf.number("max_bytes", 10 * 2**20, integer=True, minimum=1024),
+        targets=tuple(targets),
+    )
+    inf.done()
+
+    idl = r.section("idle")
+    idle = IdleConfig(idl.number("threshold", 0.05, minimum=0.0, maximum=1.0), idl.duration("window", 1800.0))
+    idl.done()
+
+    sat = r.section("saturation")
+    saturation = SaturationConfig(
+        window=sat.duration("window", 300.0),
+        queue_fraction=sat.number("queue_fraction", 0.5, minimum=0.0, maximum=1.0),
+        kv_cache_threshold=sat.number("kv_cache_threshold", 0.95, minimum=0.0, maximum=1.0),
+        sm_active_threshold=sat.number("sm_active_threshold", 0.95, minimum=0.0, maximum=1.0),
+    )
+    sat.done()
+
+    out = r.section("outcome")
+    outcome_window = out.duration("window", 900.0)
+    out.done()
+
+    raw_pricing = r.raw("pricing", None)
+    try:
+        pricing = pricing_config_from_dict(raw_pricing, where, base_dir=os.path.dirname(os.path.abspath(where)))
+    except PricingConfigError as e:
+        err = InputError(e.where, e.key_path, e.expected)
+        err.args = (str(e),)
+        raise err from None
+
+    hs = r.section("history")
+    history = HistoryConfig(hs.str("path", ""), hs.duration("interval", 60.0), hs.duration("retention", 30 * 86400.0))
+    hs.done()
+    r.done()
+    return Config(
+        node_name=node_name, listen=listen, log_format=log_format, log_level=log_level, nvml=nvml, kubelet=kubelet,
+        kubernetes=kube, processes=procs, inference=inference, idle=idle, saturation=saturation,
+        outcome_window=outcome_window, pricing=pricing, history=history, path=where,
+    )
+
+
+def _str_list(r: Reader, key: str, default: list[str]) -> tuple[str, ...]:
+    v = r.list(key, default)
+    if not all(isinstance(x, str) and x for x in v):
+        raise r.error(key, "a list of non-empty strings", v)
+    return tuple(v)
+
+
+def parse_listen(listen: str) -> tuple[str, int] | None:
+    """':9470' → ('', 9470); '127.0.0.1:0' → ('127.0.0.1', 0); '[::1]:9470' → ('::1', 9470)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _check_listen(r: Reader, listen: str) -> None:
+    if parse_listen(listen) is None:
+        raise r.error("listen", "HOST:PORT or :PORT (e.g. :9470)", listen)
+
+
+def describe_defaults() -> Mapping[str, Any]:
+    """The defaults as a YAML-able mapping (docs and `gpucap check-config --defaults`)."""
+    c = Config()
+    return {
+        "listen": c.listen, "log": {"format": c.log_format, "level": c.log_level},
+        "nvml": {"interval": "10s", "timeout": "5s"},
+        "kubelet": {"socket": DEFAULT_SOCKET, "interval": "10s", "timeout": "5s"},
+        "kubernetes": {"enabled": True, "kubeconfig": "", "resync": "60s", "interval": "15s",
+                       "team_label_keys": list(c.kubernetes.team_label_keys), "pod_label_allowlist": []},
+        "processes": {"enabled": True, "procfs": "/proc"},
+        "inference": {"discover": True, "interval": "15s", "timeout": "2s", "max_bytes": 10 * 2**20, "targets": []},
+        "idle": {"threshold": 0.05, "window": "30m"},
+        "saturation": {"window": "5m", "queue_fraction": 0.5, "kv_cache_threshold": 0.95, "sm_active_threshold": 0.95},
+        "outcome": {"window": "15m"},
+        "pricing": {"default_gpu_hourly": 0.95, "gpu_hourly_by_instance_type": {}, "gpu_hourly_by_model": {},
+                    "spot_ratio": 0.35, "reserved_ratio": 0.6, "mig_cost_basis": "compute"},
+        "history": {"path": "", "interval": "60s", "retention": "30d"},
+    }

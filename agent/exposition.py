@@ -1,0 +1,310 @@
+"""The only module that speaks Prometheus: renders the latest AgentState; serves /metrics and /healthz.
+
+Scrapes read the state the loop last published and never call NVML, the kubelet or the API
+server, so a stuck source cannot slow a scrape. Families are built fresh on every scrape from
+the state, so series of deleted pods disappear as soon as the state no longer has them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer, generate_latest
+
+from agent import __version__
+from agent.model import OWNER_LABELS, STATES, UNIT_LABELS, AgentState
+
+DEVICE_GAUGES = (
+    ("utilization", "gpu_utilization_ratio", "Fraction of time a kernel ran (NVML utilization)", 1.0),
+    ("memory_utilization", "gpu_memory_utilization_ratio", "Fraction of time memory was read or written", 1.0),
+    ("sm_active", "gpu_sm_active_ratio", "Fraction of SMs active (GPM, Hopper+)", 1.0),
+    ("sm_occupancy", "gpu_sm_occupancy_ratio", "Resident warps over the maximum (GPM, Hopper+)", 1.0),
+    ("tensor_active", "gpu_tensor_active_ratio", "Fraction of time tensor cores were active (GPM)", 1.0),
+    ("dram_active", "gpu_dram_active_ratio", "DRAM bandwidth used over the maximum (GPM)", 1.0),
+    ("memory_used_bytes", "gpu_memory_used_bytes", "Device memory in use", 1.0),
+    ("memory_total_bytes", "gpu_memory_total_bytes", "Device memory in total", 1.0),
+    ("memory_reserved_bytes", "gpu_memory_reserved_bytes", "Device memory reserved by the driver", 1.0),
+    ("power_watts", "gpu_power_watts", "Power draw", 1.0),
+    ("power_limit_watts", "gpu_power_limit_watts", "Enforced power limit", 1.0),
+    ("temperature_celsius", "gpu_temperature_celsius", "GPU temperature", 1.0),
+    ("sm_clock_hz", "gpu_sm_clock_hertz", "Current SM clock", 1.0),
+    ("sm_clock_max_hz", "gpu_sm_clock_max_hertz", "Maximum SM clock", 1.0),
+    ("pcie_tx_bytes_per_second", "gpu_pcie_transmit_bytes_per_second", "PCIe transmit throughput", 1.0),
+    ("pcie_rx_bytes_per_second", "gpu_pcie_receive_bytes_per_second", "PCIe receive throughput", 1.0),
+)
+DEVICE_COUNTERS = (
+    ("energy_joules", "gpu_energy_joules", "Energy consumed since the driver loaded"),
+    ("nvlink_tx_bytes", "gpu_nvlink_transmit_bytes", "NVLink data transmitted since the driver loaded"),
+    ("nvlink_rx_bytes", "gpu_nvlink_receive_bytes", "NVLink data received since the driver loaded"),
+)
+INFERENCE_LABELS = ("node",) + OWNER_LABELS + ("server", "model")
+
+
+def _g(name: str, doc: str, labels: Iterable[str]) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"gpucap_{name}", doc, labels=list(labels))
+
+
+def _c(name: str, doc: str, labels: Iterable[str]) -> CounterMetricFamily:
+    return CounterMetricFamily(f"gpucap_{name}", doc, labels=list(labels))
+
+
+class StateCollector:
+    """A prometheus_client custom collector over the agent's latest published state."""
+
+    def __init__(self, get_state: Callable[[], AgentState | None]):
+        self.get_state = get_state
+
+    def collect(self) -> Iterator[Metric]:
+        build = _g("build_info", "gpucap version", ["version"])
+        build.add_metric([__version__], 1)
+        yield build
+        st = self.get_state()
+        if st is None:
+            return
+        yield from self._collectors(st)
+        yield from self._devices(st)
+        yield from self._units(st)
+        yield from self._sharing(st)
+        yield from self._inference(st)
+
+    # --- collectors -----------------------------------------------------------------------
+    def _collectors(self, st: AgentState) -> Iterator[Metric]:
+        node = st.node.name
+        ok = _g("collector_success", "1 if the source's last collection succeeded", ["node", "collector"])
+        dur = _g("collector_duration_seconds", "Duration of the source's last collection", ["node", "collector"])
+        last = _g("collector_last_success_timestamp_seconds", "Time of the source's last success",
+                  ["node", "collector"])
+        errs = _c("collector_errors", "Failures of a source by kind since the agent started",
+                  ["node", "collector", "kind"])
+        for c in st.collectors:
+            ok.add_metric([node, c.name], 1.0 if c.success else 0.0)
+            dur.add_metric([node, c.name], c.duration)
+            if c.last_success is not None:
+                last.add_metric([node, c.name], c.last_success)
+            for kind, n in c.errors:
+                errs.add_metric([node, c.name, kind], n)
+        stale = _g("kubernetes_metadata_stale", "1 while pod metadata is the last known (API server unreachable)",
+                   ["node"])
+        stale.add_metric([node], 1.0 if st.node.stale else 0.0)
+        unknown = _c("price_default_lookups", "Price lookups that fell back to the default price", ["node"])
+        unknown.add_metric([node], st.price_unknown_lookups)
+        unknown_dev = _g("podresources_unmatched_devices", "Kubelet device IDs that match no NVML device",
+                         ["node"])
+        unknown_dev.add_metric([node], st.attribution.unknown_devices)
+        yield from (ok, dur, last, errs, stale, unknown, unknown_dev)
+
+    # --- devices --------------------------------------------------------------------------
+    def _devices(self, st: AgentState) -> Iterator[Metric]:
+        node = st.node.name
+        info = _g("gpu_info", "GPU or MIG instance present on the node", UNIT_LABELS + ("driver_version", "pci_bus_id"))
+        up = _g("gpu_up", "1 if NVML answers for the GPU, 0 if it is lost or failing", UNIT_LABELS)
+        procs = _g("gpu_processes", "Compute processes running on the device", UNIT_LABELS)
+        gauges = {attr: _g(name, doc, UNIT_LABELS) for attr, name, doc, _ in DEVICE_GAUGES}
+        counters = {attr: _c(name, doc, UNIT_LABELS) for attr, name, doc in DEVICE_COUNTERS}
+        xid = _c("gpu_xid_errors", "Xid errors reported by the driver since the agent started", UNIT_LABELS + ("xid",))
+        for d in st.devices:
+            labels = [node, str(d.gpu), "" if d.gpu_instance is None else str(d.gpu_instance), d.mig_profile,
+                      d.uuid, d.model]
+            info.add_metric(labels + [st.driver_version, d.pci_bus_id], 1)
+            up.add_metric(labels, 1.0 if d.up else 0.0)
+            if not d.up:
+                for x, n in d.xid_errors:
+                    xid.add_metric(labels + [str(x)], n)
+                continue
+            procs.add_metric(labels, len(d.processes))
+            for attr, _, _, scale in DEVICE_GAUGES:
+                v = getattr(d, attr)
+                if v is not None:
+                    gauges[attr].add_metric(labels, v * scale)
+            for attr, fam in counters.items():
+                v = getattr(d, attr)
+                if v is not None:
+                    fam.add_metric(labels, v)
+            if not d.is_mig:
+                for x, n in d.xid_errors:
+                    xid.add_metric(labels + [str(x)], n)
+        yield from (info, up, procs, *gauges.values(), *counters.values(), xid)
+
+    # --- units: allocation, price, state, cost --------------------------------------------
+    def _units(self, st: AgentState) -> Iterator[Metric]:
+        node = st.node.name
+        ul = UNIT_LABELS
+        uo = UNIT_LABELS + OWNER_LABELS
+        alloc = _g("gpu_allocation_ratio", "Share of the device a container holds (1 whole unit, 1/replicas a share)", uo)
+        price = _g("gpu_hourly_price_dollars", "Hourly price of the unit",
+                   ul + ("instance_type", "capacity_type", "price_source"))
+        state = _g("gpu_state", "1 for the unit's current state: active, idle_reserved or unallocated",
+                   uo + ("state",))
+        idle_s = _g("gpu_idle_reserved_seconds", "Length of the current idle streak of an allocated unit", uo)
+        activity = _g("unit_activity_ratio", "Activity used for idle detection (SM active, else utilization; "
+                      "a share: its pod's processes)", uo)
+        idle_cost = _g("idle_reserved_cost_dollars_per_hour", "Hourly price of units held by pods and idle", uo)
+        alloc_cost = _g("allocated_cost_dollars_per_hour", "Hourly price of units held by pods (active or idle)", uo)
+        unalloc_cost = _g("unallocated_cost_dollars_per_hour", "Hourly price of units no pod holds", ul)
+        cost = _c("cost_dollars", "Dollars accrued by the unit in each state while the agent ran", uo + ("state",))
+        for v in st.units:
+            r = v.row
+            u = list(r.unit_labels(node))
+            o = list(r.owner.labels())
+            for a in r.allocations:
+                alloc.add_metric(u + list(a.owner.labels()), a.ratio)
+            price.add_metric(u + [r.instance_type, r.capacity_type, r.price_source], r.hourly_price)
+            for s in STATES:
+                state.add_metric(u + o + [s], 1.0 if v.state == s else 0.0)
+            if r.allocated:
+                idle_s.add_metric(u + o, v.idle_seconds)
+            if r.activity is not None:
+                activity.add_metric(u + o, r.activity)
+            idle_cost.add_metric(u + o, r.hourly_price if v.state == "idle_reserved" else 0.0)
+            alloc_cost.add_metric(u + o, r.hourly_price if r.allocated else 0.0)
+            unalloc_cost.add_metric(u, r.hourly_price if not r.allocated else 0.0)
+        for labels, owner, s, dollars in st.costs:
+            cost.add_metric(list(labels) + list(owner.labels()) + [s], dollars)
+        pod = _g("pod_info", "Pods on the node with their workload and team (join with group_left)",
+                 ("node", "namespace", "pod", "workload_kind", "workload", "team"))
+        extra_keys = sorted({k for p in st.pods for k, _ in p.extra_labels})
+        if extra_keys:
+            pod = _g("pod_info", "Pods on the node with their workload and team (join with group_left)",
+                     ("node", "namespace", "pod", "workload_kind", "workload", "team")
+                     + tuple(_label_name(k) for k in extra_keys))
+        for p in st.pods:
+            o = p.owner
+            extra = dict(p.extra_labels)
+            pod.add_metric([node, o.namespace, o.pod, o.workload_kind, o.workload, o.team]
+                           + [extra.get(k, "") for k in extra_keys], 1)
+        yield from (alloc, price, state, idle_s, activity, idle_cost, alloc_cost, unalloc_cost, cost, pod)
+
+    # --- time-sliced sharing --------------------------------------------------------------
+    def _sharing(self, st: AgentState) -> Iterator[Metric]:
+        node = st.node.name
+        dev_labels = {d.uuid: [node, str(d.gpu), "", "", d.uuid, d.model] for d in st.devices if not d.is_mig}
+        uo = UNIT_LABELS + OWNER_LABELS
+        act = _g("container_gpu_activity_ratio", "A container's share of a time-sliced GPU's SM activity", uo)
+        mem = _g("container_gpu_memory_used_bytes", "Memory a container's processes use on a time-sliced GPU", uo)
+        u_act = _g("gpu_unattributed_activity_ratio", "Activity of a shared GPU no pod's processes account for",
+                   UNIT_LABELS)
+        u_mem = _g("gpu_unattributed_memory_used_bytes", "Memory of a shared GPU no pod's processes account for",
+                   UNIT_LABELS)
+        foreign = _g("gpu_unallocated_processes", "Processes using a device their pod holds no allocation on "
+                     "(namespace and pod empty: not a pod)", UNIT_LABELS + ("namespace", "pod"))
+        att = st.attribution
+        for c in att.container_use:
+            labels = dev_labels.get(c.device_uuid)
+            if labels:
+                act.add_metric(labels + list(c.owner.labels()), c.activity)
+                mem.add_metric(labels + list(c.owner.labels()), c.memory_used_bytes)
+        for _gpu, uuid, a, m in att.unattributed:
+            labels = dev_labels.get(uuid)
+            if labels:
+                u_act.add_metric(labels, a)
+                u_mem.add_metric(labels, m)
+        for f in att.foreign:
+            labels = dev_labels.get(f.device_uuid)
+            if labels:
+                foreign.add_metric(labels + [f.namespace, f.pod], f.processes)
+        yield from (act, mem, u_act, u_mem, foreign)
+
+    # --- inference ------------------------------------------------------------------------
+    def _inference(self, st: AgentState) -> Iterator[Metric]:
+        node = st.node.name
+        L = INFERENCE_LABELS
+        fams: dict[str, Any] = {
+            "queue": _g("inference_queue_requests", "Requests waiting", L),
+            "running": _g("inference_running_requests", "Requests being processed", L),
+            "kv": _g("inference_kv_cache_usage_ratio", "KV-cache usage", L),
+            "sat": _g("inference_saturated", "1 if the server is saturated (queue, KV cache or SM active)", L),
+            "succ": _c("inference_successful_requests", "Successful requests (server restarts folded in)", L),
+            "fail": _c("inference_failed_requests", "Failed requests (server restarts folded in)", L),
+            "gen": _c("inference_generated_tokens", "Generated tokens (server restarts folded in)", L),
+            "prompt": _c("inference_prompt_tokens", "Prompt tokens (server restarts folded in)", L),
+            "tps": _g("inference_generated_tokens_per_second", "Generation throughput", L),
+            "rps": _g("inference_successful_requests_per_second", "Successful requests per second", L),
+            "p1k": _g("cost_per_1k_successful_requests_dollars",
+                      "GPU cost of the workload per 1000 successful requests over the outcome window", L),
+            "p1m": _g("cost_per_million_generated_tokens_dollars",
+                      "GPU cost of the workload per million generated tokens over the outcome window", L),
+        }
+        for v in st.inference:
+            labels = [node, *v.owner.labels(), v.server, v.model]
+            for key, val in (("queue", v.queue_requests), ("running", v.running_requests),
+                             ("kv", v.kv_cache_usage_ratio), ("succ", v.successful_requests_total),
+                             ("fail", v.failed_requests_total), ("gen", v.generated_tokens_total),
+                             ("prompt", v.prompt_tokens_total), ("tps", v.generated_tokens_per_second),
+                             ("rps", v.successful_requests_per_second),
+                             ("p1k", v.cost_per_1k_successful_requests),
+                             ("p1m", v.cost_per_million_generated_tokens)):
+                if val is not None:
+                    fams[key].add_metric(labels, val)
+            fams["sat"].add_metric(labels, 1.0 if v.saturated else 0.0)
+        yield from fams.values()
+
+
+def _label_name(key: str) -> str:
+    import re
+
+    return "label_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+
+def make_registry(get_state: Callable[[], AgentState | None]) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(StateCollector(get_state))
+    return reg
+
+
+def render(state: AgentState | None) -> str:
+    return generate_latest(make_registry(lambda: state)).decode()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class MetricsServer:
+    """/metrics (Prometheus text) and /healthz (200 while the loop evaluates; 503 when stuck)."""
+
+    def __init__(self, host: str, port: int, get_state: Callable[[], AgentState | None],
+                 last_evaluation: Callable[[], float], stale_after: float = 120.0):
+        metrics = make_wsgi_app(make_registry(get_state))
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            path = environ.get("PATH_INFO", "/")
+            if path == "/metrics":
+                return metrics(environ, start_response)
+            if path == "/healthz":
+                age = time.monotonic() - last_evaluation()
+                ok = get_state() is not None and age < stale_after
+                start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+                return [b"ok\n" if ok else f"not ready: last evaluation {age:.0f}s ago\n".encode()]
+            if path == "/":
+                start_response("200 OK", [("Content-Type", "text/html")])
+                return [(b'<html><body><h1>gpucap</h1><a href="/metrics">/metrics</a> '
+                        b'<a href="/healthz">/healthz</a></body></html>')]
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found\n"]
+
+        server_cls = ThreadingWSGIServer
+        if ":" in host:
+            import socket
+
+            class _V6(ThreadingWSGIServer):
+                address_family = socket.AF_INET6
+
+            server_cls = _V6
+        self.httpd = make_server(host or "0.0.0.0", port, app, server_class=server_cls, handler_class=_QuietHandler)
+        self.port = self.httpd.server_port
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="gpucap-http", daemon=True)
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

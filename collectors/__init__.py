@@ -1,0 +1,1 @@
+"""Data sources of gpucap: one module per source, none importing `agent`."""

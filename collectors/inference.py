@@ -1,0 +1,610 @@
+"""Inference servers' own `/metrics`: queue, running requests, KV cache, tokens and outcomes per model.
+
+The servers are other people's processes on the node, so every scrape is treated as hostile input:
+a hard deadline per collect (a target that trickles bytes forever is cut), a body cap, at most three
+redirects, and one bad target never hides the others. The server type is recognised from its metric
+names because annotations rarely say which server a pod runs.
+
+Counters restart from zero when a server restarts; `CounterTracker` applies Prometheus' reset rule so
+cost-per-outcome never sees a negative increase.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import logging
+import math
+import socket
+import ssl
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from collectors.base import SourceError
+
+log = logging.getLogger(__name__)
+
+SOURCE = "inference"
+MAX_REDIRECTS = 3
+LOG_EVERY_S = 300.0
+# What the worker may overrun the deadline by before collect stops waiting and aborts its socket.
+_ABORT_GRACE_S = 0.1
+_CHUNK = 64 * 1024
+_VLLM_FAILED_REASONS = frozenset({"abort", "error"})
+# SGLang repeats the scheduler's gauges once per tensor/pipeline rank: the same value, not more load.
+_SGLANG_REPLICA_LABELS = frozenset({"tp_rank", "pp_rank", "moe_ep_rank", "attn_tp_rank"})
+# What `InferenceReading.errors` and `errors_total` name a failed scrape by.
+ERROR_KINDS = (
+    "timeout",  # no complete answer before the deadline (includes never answering, trickling)
+    "connection",  # refused, reset, TLS or HTTP protocol failure
+    "http_status",  # an answer other than 200
+    "redirect",  # more than MAX_REDIRECTS, or to another host
+    "too_large",  # body over max_bytes
+    "truncated",  # fewer bytes than Content-Length, or a broken chunked body
+    "parse",  # HTML, garbage, not UTF-8, not Prometheus text
+    "unknown_server",  # valid text from no known inference server
+    "unexpected",  # anything else (a malformed URL in config); still one target's problem only
+)
+_SERVER_PREFIXES = (("vllm", "vllm:"), ("triton", "nv_inference_"), ("tgi", "tgi_"), ("sglang", "sglang:"))
+
+
+class ParseError(SourceError):
+    """A body that is not Prometheus text (an HTML error page, garbage, a cut-off line)."""
+
+    def __init__(self, message: str, cause: BaseException | None = None):
+        super().__init__(SOURCE, message, cause)
+
+
+class UnknownServerError(ParseError):
+    """Valid exposition text, but from no inference server gpucap knows (no vllm:/nv_inference_/tgi_/sglang:)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStats:
+    server: str  # "vllm" | "triton" | "tgi" | "sglang"
+    model: str  # "" for TGI, which has no model label
+    queue_requests: float | None
+    running_requests: float | None
+    kv_cache_usage_ratio: float | None  # 0-1
+    prompt_tokens_total: float | None
+    generated_tokens_total: float | None
+    successful_requests_total: float | None
+    failed_requests_total: float | None
+    generated_tokens_per_second: float | None  # only where the server exports a gauge (sglang:gen_throughput)
+
+
+COUNTER_FIELDS = (
+    "prompt_tokens_total",
+    "generated_tokens_total",
+    "successful_requests_total",
+    "failed_requests_total",
+)
+
+
+# --------------------------------------------------------------------------------------------- parsing
+
+_Index = dict[str, list[tuple[Mapping[str, str], float]]]
+
+
+def _index(text: str) -> _Index:
+    """Samples by name, with `_total` taken off counters so typed and untyped counters look the same.
+
+    prometheus_client appends `_total` to samples of a family typed `counter` even when the server
+    (TGI, Triton) wrote none, and leaves untyped samples as written; stripping it on both sides gives
+    one name per counter whichever way a server declares it.
+    """
+    index: _Index = defaultdict(list)
+    try:
+        families = list(text_string_to_metric_families(text))
+    except Exception as exc:
+        # The parser raises ValueError mostly; from untrusted input any exception means "not text".
+        raise ParseError(f"not Prometheus text: {exc}", exc) from exc
+    for family in families:
+        strip = family.type in ("counter", "unknown", "untyped")
+        for sample in family.samples:
+            if not math.isfinite(sample.value):
+                continue
+            name = sample.name[:-6] if strip and sample.name.endswith("_total") else sample.name
+            index[name].append((sample.labels, float(sample.value)))
+    return index
+
+
+def _per_model(
+    index: _Index,
+    name: str,
+    model_label: str | None,
+    *,
+    where: Callable[[Mapping[str, str]], bool] | None = None,
+    ratio: bool = False,
+    replica_labels: frozenset[str] = frozenset(),
+) -> dict[str, float] | None:
+    """One value per model: series summed (engines, versions, reasons), replicas of one value de-duplicated.
+
+    A ratio is never summed: the fullest engine is reported, because that is where requests wait.
+    None when the server does not export the metric at all, so "absent" stays distinct from zero.
+    """
+    samples = index.get(name)
+    if samples is None:
+        return None
+    groups: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for labels, value in samples:
+        model = labels.get(model_label, "") if model_label else ""
+        series = groups.setdefault(model, {})
+        if where is not None and not where(labels):
+            continue
+        key = tuple(sorted((k, v) for k, v in labels.items() if k != model_label and k not in replica_labels))
+        series[key] = max(series.get(key, value), value)
+    combine = max if ratio else sum
+    return {model: combine(series.values()) if series else 0.0 for model, series in groups.items()}
+
+
+def _build(server: str, **fields: dict[str, float] | None) -> list[ModelStats]:
+    models = sorted({m for values in fields.values() if values for m in values})
+    all_fields = {f.name: None for f in dataclasses.fields(ModelStats) if f.name not in ("server", "model")}
+    return [
+        ModelStats(
+            server=server,
+            model=model,
+            **{**all_fields, **{f: (values.get(model) if values else None) for f, values in fields.items()}},
+        )
+        for model in models
+    ]
+
+
+def _vllm(index: _Index) -> list[ModelStats]:
+    label = "model_name"
+    kv = _per_model(index, "vllm:kv_cache_usage_perc", label, ratio=True)
+    if kv is None:
+        kv = _per_model(index, "vllm:gpu_cache_usage_perc", label, ratio=True)
+    ok = _per_model(
+        index,
+        "vllm:request_success",
+        label,
+        where=lambda lb: lb.get("finished_reason") not in _VLLM_FAILED_REASONS,
+    )
+    failed = _per_model(
+        index,
+        "vllm:request_success",
+        label,
+        where=lambda lb: lb.get("finished_reason") in _VLLM_FAILED_REASONS,
+    )
+    return _build(
+        "vllm",
+        queue_requests=_per_model(index, "vllm:num_requests_waiting", label),
+        running_requests=_per_model(index, "vllm:num_requests_running", label),
+        kv_cache_usage_ratio=kv,
+        prompt_tokens_total=_per_model(index, "vllm:prompt_tokens", label),
+        generated_tokens_total=_per_model(index, "vllm:generation_tokens", label),
+        successful_requests_total=ok,
+        failed_requests_total=failed,
+    )
+
+
+def _triton(index: _Index) -> list[ModelStats]:
+    label = "model"
+    return _build(
+        "triton",
+        queue_requests=_per_model(index, "nv_inference_pending_request_count", label),
+        successful_requests_total=_per_model(index, "nv_inference_request_success", label),
+        failed_requests_total=_per_model(index, "nv_inference_request_failure", label),
+    )
+
+
+def _tgi(index: _Index) -> list[ModelStats]:
+    return _build(
+        "tgi",
+        queue_requests=_per_model(index, "tgi_queue_size", None),
+        running_requests=_per_model(index, "tgi_batch_current_size", None),
+        prompt_tokens_total=_per_model(index, "tgi_request_input_length_sum", None),
+        generated_tokens_total=_per_model(index, "tgi_request_generated_tokens_sum", None),
+        successful_requests_total=_per_model(index, "tgi_request_success", None),
+        failed_requests_total=_per_model(index, "tgi_request_failure", None),
+    )
+
+
+def _sglang(index: _Index) -> list[ModelStats]:
+    label = "model_name"
+
+    def get(name: str, ratio: bool = False) -> dict[str, float] | None:
+        return _per_model(index, name, label, ratio=ratio, replica_labels=_SGLANG_REPLICA_LABELS)
+
+    requests = get("sglang:num_requests")
+    aborted = get("sglang:num_aborted_requests")
+    ok = None
+    if requests is not None:
+        ok = {m: max(0.0, n - (aborted or {}).get(m, 0.0)) for m, n in requests.items()}
+    return _build(
+        "sglang",
+        queue_requests=get("sglang:num_queue_reqs"),
+        running_requests=get("sglang:num_running_reqs"),
+        kv_cache_usage_ratio=get("sglang:token_usage", ratio=True),
+        prompt_tokens_total=get("sglang:prompt_tokens"),
+        generated_tokens_total=get("sglang:generation_tokens"),
+        successful_requests_total=ok,
+        failed_requests_total=aborted,
+        generated_tokens_per_second=get("sglang:gen_throughput"),
+    )
+
+
+_PARSERS: dict[str, Callable[[_Index], list[ModelStats]]] = {
+    "vllm": _vllm,
+    "triton": _triton,
+    "tgi": _tgi,
+    "sglang": _sglang,
+}
+
+
+def parse_exposition(text: str) -> tuple[ModelStats, ...]:
+    """Per-model stats of every known server in one `/metrics` body.
+
+    More than one server may appear (Triton's vLLM backend exports both `nv_inference_` and `vllm:`).
+    Raises `ParseError` for text that is not Prometheus exposition, `UnknownServerError` for valid text
+    from no known server.
+    """
+    index = _index(text)
+    servers = [s for s, prefix in _SERVER_PREFIXES if any(name.startswith(prefix) for name in index)]
+    if not servers:
+        raise UnknownServerError(
+            "no vllm:, nv_inference_, tgi_ or sglang: metrics: not a known inference server"
+        )
+    return tuple(stats for server in servers for stats in _PARSERS[server](index))
+
+
+# ------------------------------------------------------------------------------------ counter resets
+
+
+class CounterTracker:
+    """Raw counter readings → totals that never go down, per (target, server, model, counter).
+
+    Prometheus' reset rule: a reading below the previous one means the process restarted from zero,
+    so the new reading is added on top of what was already counted. Keys unseen for `ttl_s` are
+    forgotten so pods that went away do not accumulate forever.
+    """
+
+    def __init__(self, ttl_s: float = 3600.0):
+        self._ttl_s = ttl_s
+        # key -> (last raw reading, total counted before the last reset, last seen)
+        self._state: dict[tuple[str, ...], tuple[float, float, float]] = {}
+
+    def update(self, key: tuple[str, ...], raw: float, now: float) -> float:
+        last = self._state.get(key)
+        if last is None:
+            base = 0.0
+        else:
+            last_raw, base, _ = last
+            if raw < last_raw:
+                base += last_raw
+        self._state[key] = (raw, base, now)
+        return base + raw
+
+    def forget_older_than(self, cutoff: float) -> None:
+        for key in [k for k, (_, _, seen) in self._state.items() if seen < cutoff]:
+            del self._state[key]
+
+    def prune(self, now: float) -> None:
+        self.forget_older_than(now - self._ttl_s)
+
+
+# -------------------------------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    url: str
+    namespace: str
+    pod: str
+    source: str  # "annotation" | "static"
+
+
+def _port(value: str | None) -> int | None:
+    try:
+        port = int(str(value).strip())
+    except (TypeError, ValueError):
+        return None
+    return port if 0 < port < 65536 else None
+
+
+def targets_from_pod(
+    namespace: str, pod: str, pod_ip: str | None, annotations: Mapping[str, str]
+) -> Target | None:
+    """The scrape target a pod's annotations ask for, or None.
+
+    `gpucap.io/metrics-port` wins so a pod can point gpucap at a port other than the one its
+    Prometheus scrapes; otherwise the common `prometheus.io/*` convention, honouring
+    `prometheus.io/scrape: "false"`. A malformed port is no target rather than an error.
+    """
+    if not pod_ip:
+        return None
+    host = f"[{pod_ip}]" if ":" in pod_ip else pod_ip
+    port = _port(annotations.get("gpucap.io/metrics-port"))
+    if port is not None:
+        scheme, path = "http", annotations.get("gpucap.io/metrics-path") or "/metrics"
+    else:
+        if annotations.get("prometheus.io/scrape", "").strip().lower() == "false":
+            return None
+        port = _port(annotations.get("prometheus.io/port"))
+        if port is None:
+            return None
+        scheme = (annotations.get("prometheus.io/scheme") or "http").strip().lower()
+        path = annotations.get("prometheus.io/path") or "/metrics"
+        if scheme not in ("http", "https"):
+            return None
+    if not path.startswith("/"):
+        path = "/" + path
+    return Target(url=f"{scheme}://{host}:{port}{path}", namespace=namespace, pod=pod, source="annotation")
+
+
+# -------------------------------------------------------------------------------------------- fetching
+
+
+class _FetchError(Exception):
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind = kind
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    kind: str
+    detail: str
+
+
+class _Handle:
+    """Lets collect() cut a worker's socket when the deadline passes, whatever the worker is blocked in."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._conn: http.client.HTTPConnection | None = None
+        self.aborted = False
+
+    def attach(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            self._conn = conn
+
+    def abort(self) -> None:
+        with self._lock:
+            self.aborted = True
+            sock = self._conn.sock if self._conn is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _get_once(
+    url: str, deadline: float, max_bytes: int, handle: _Handle, tls: ssl.SSLContext
+) -> tuple[int, str | None, str | None, bytes | None]:
+    """(status, content type, location, body if 200) of one GET, within the deadline and the cap."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _FetchError("connection", f"unsupported URL {url!r}")
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise _FetchError("timeout", "deadline passed before connecting")
+    conn: http.client.HTTPConnection
+    if parts.scheme == "https":
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=remaining, context=tls)
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=remaining)
+    handle.attach(conn)
+    try:
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        # No Accept-Encoding: a compressed body would defeat the size cap. Ask for the classic text format.
+        conn.request("GET", path, headers={"Accept": "text/plain;version=0.0.4", "User-Agent": "gpucap"})
+        if handle.aborted:
+            raise _FetchError("timeout", "aborted at the deadline")
+        resp = conn.getresponse()
+        ctype, location = resp.getheader("Content-Type"), resp.getheader("Location")
+        if resp.status != 200:
+            return resp.status, ctype, location, None
+        declared = resp.getheader("Content-Length")
+        length = int(declared) if declared and declared.strip().isdigit() else None
+        if length is not None and length > max_bytes:
+            raise _FetchError("too_large", f"Content-Length {length} over the {max_bytes}-byte cap")
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or handle.aborted:
+                raise _FetchError("timeout", f"body not complete at the deadline ({total} bytes read)")
+            if conn.sock is not None:
+                conn.sock.settimeout(remaining)
+            chunk = resp.read1(_CHUNK)  # one recv at most, so the deadline is checked between reads
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > max_bytes:
+                raise _FetchError("too_large", f"body over the {max_bytes}-byte cap")
+            chunks.append(chunk)
+        if handle.aborted:  # a shut-down socket reads as a clean end of body
+            raise _FetchError("timeout", "aborted at the deadline")
+        if length is not None and total < length:
+            raise _FetchError("truncated", f"connection closed after {total} of {length} declared bytes")
+        return 200, ctype, location, b"".join(chunks)
+    finally:
+        conn.close()
+
+
+def _fetch(url: str, deadline: float, max_bytes: int, handle: _Handle, tls: ssl.SSLContext) -> str:
+    current = url
+    for _ in range(MAX_REDIRECTS + 1):
+        status, ctype, location, body = _get_once(current, deadline, max_bytes, handle, tls)
+        if status in (301, 302, 303, 307, 308) and location:
+            following = urljoin(current, location)
+            if urlsplit(following).hostname != urlsplit(url).hostname:
+                # A pod's annotation must not be able to point the node agent at other hosts.
+                raise _FetchError("redirect", f"redirect to another host refused: {following}")
+            current = following
+            continue
+        if status != 200 or body is None:
+            raise _FetchError("http_status", f"HTTP {status}")
+        if ctype and ctype.split(";")[0].strip().lower() in ("text/html", "application/xhtml+xml"):
+            raise _FetchError("parse", f"HTML page ({ctype}), not metrics")
+        try:
+            return body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _FetchError("parse", f"body is not UTF-8: {exc}") from exc
+    raise _FetchError("redirect", f"more than {MAX_REDIRECTS} redirects")
+
+
+def _scrape(
+    url: str, deadline: float, max_bytes: int, handle: _Handle, tls: ssl.SSLContext
+) -> tuple[ModelStats, ...] | _Failure:
+    """Stats, or why not. Never raises: one target's trouble is data, not an exception."""
+    try:
+        return parse_exposition(_fetch(url, deadline, max_bytes, handle, tls))
+    except _FetchError as exc:
+        return _Failure(exc.kind, str(exc))
+    except UnknownServerError as exc:
+        return _Failure("unknown_server", str(exc))
+    except ParseError as exc:
+        return _Failure("parse", str(exc))
+    except http.client.IncompleteRead as exc:
+        return _Failure("truncated", f"incomplete chunked body: {exc!r}")
+    except TimeoutError as exc:
+        return _Failure("timeout", f"no answer before the deadline: {exc}")
+    except (OSError, http.client.HTTPException) as exc:
+        if handle.aborted:
+            return _Failure("timeout", "cut at the deadline")
+        return _Failure("connection", f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a bad URL in config, a library surprise: one target only
+        return _Failure("unexpected", f"{type(exc).__name__}: {exc}")
+
+
+# ------------------------------------------------------------------------------------------ collector
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStats:
+    namespace: str
+    pod: str
+    url: str
+    server: str
+    model: str
+    queue_requests: float | None
+    running_requests: float | None
+    kv_cache_usage_ratio: float | None
+    prompt_tokens_total: float | None  # counters here are after reset handling: they never go down
+    generated_tokens_total: float | None
+    successful_requests_total: float | None
+    failed_requests_total: float | None
+    generated_tokens_per_second: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceReading:
+    servers: tuple[ServerStats, ...]
+    errors: tuple[tuple[str, str], ...]  # (target url, error kind), this collect only
+    at: float
+
+
+class InferenceCollector:
+    """Scrapes every target concurrently; the slowest target costs at most `timeout`, never more."""
+
+    name = "inference"
+
+    def __init__(
+        self,
+        targets_fn: Callable[[], Sequence[Target]],
+        timeout: float = 2.0,
+        max_bytes: int = 10 * 2**20,
+        max_workers: int = 8,
+        verify_tls: bool = False,
+    ):
+        # TLS is not verified by default: targets are pod IPs, which no serving certificate names.
+        self._targets_fn = targets_fn
+        self._timeout = timeout
+        self._max_bytes = max_bytes
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="gpucap-inference")
+        self._tracker = CounterTracker()
+        self._errors_total: dict[tuple[str, str], int] = defaultdict(int)
+        self._last_logged: dict[tuple[str, str], float] = {}
+        self._tls = ssl.create_default_context()
+        if not verify_tls:
+            self._tls.check_hostname = False
+            self._tls.verify_mode = ssl.CERT_NONE
+
+    @property
+    def errors_total(self) -> dict[tuple[str, str], int]:
+        """Cumulative failed scrapes per (target url, error kind), for a `..._errors_total` counter."""
+        return dict(self._errors_total)
+
+    def collect(self, now: float) -> InferenceReading:
+        try:
+            targets = _unique(self._targets_fn())
+        except Exception as exc:
+            raise SourceError(SOURCE, f"listing targets failed: {exc}", exc) from exc
+        if not targets:
+            return InferenceReading(servers=(), errors=(), at=now)
+        deadline = time.monotonic() + self._timeout
+        handles = [_Handle() for _ in targets]
+        futures: list[Future[tuple[ModelStats, ...] | _Failure]] = [
+            self._pool.submit(_scrape, t.url, deadline, self._max_bytes, h, self._tls)
+            for t, h in zip(targets, handles, strict=True)
+        ]
+        wait(futures, timeout=max(0.0, deadline - time.monotonic()) + _ABORT_GRACE_S)
+        servers: list[ServerStats] = []
+        errors: list[tuple[str, str]] = []
+        for target, handle, future in zip(targets, handles, futures, strict=True):
+            if future.done() and not future.cancelled():
+                outcome = future.result()
+            else:
+                future.cancel()
+                handle.abort()
+                outcome = _Failure("timeout", "no answer before the deadline")
+            if isinstance(outcome, _Failure):
+                errors.append((target.url, outcome.kind))
+                self._record_error(target.url, outcome.kind, outcome.detail, now)
+                continue
+            servers.extend(self._totals(target, stats, now) for stats in outcome)
+        self._tracker.prune(now)
+        if errors and len(errors) == len(targets):
+            summary = "; ".join(f"{url}: {kind}" for url, kind in errors[:5])
+            raise SourceError(SOURCE, f"all {len(targets)} targets failed: {summary}")
+        return InferenceReading(servers=tuple(servers), errors=tuple(errors), at=now)
+
+    def _totals(self, target: Target, stats: ModelStats, now: float) -> ServerStats:
+        counters = {}
+        for field in COUNTER_FIELDS:
+            raw = getattr(stats, field)
+            key = (target.url, stats.server, stats.model, field)
+            counters[field] = None if raw is None else self._tracker.update(key, raw, now)
+        return ServerStats(
+            namespace=target.namespace,
+            pod=target.pod,
+            url=target.url,
+            server=stats.server,
+            model=stats.model,
+            queue_requests=stats.queue_requests,
+            running_requests=stats.running_requests,
+            kv_cache_usage_ratio=stats.kv_cache_usage_ratio,
+            generated_tokens_per_second=stats.generated_tokens_per_second,
+            **counters,
+        )
+
+    def _record_error(self, url: str, kind: str, detail: str, now: float) -> None:
+        key = (url, kind)
+        self._errors_total[key] += 1
+        last = self._last_logged.get(key)
+        if last is None or now - last >= LOG_EVERY_S or now < last:
+            self._last_logged[key] = now
+            log.warning("inference target failed: url=%s kind=%s detail=%s", url, kind, detail)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _unique(targets: Iterable[Target]) -> list[Target]:
+    """One scrape per URL even when a pod is both annotated and listed in config (first wins)."""
+    seen: dict[str, Target] = {}
+    for target in targets:
+        seen.setdefault(target.url, target)
+    return list(seen.values())

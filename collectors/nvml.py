@@ -1,0 +1,457 @@
+"""The NVML source: every GPU and MIG instance of the node, through an injected `pynvml`-compatible module.
+
+The same code runs on real `pynvml` and on `collectors.simulated.nvml.SimulatedNVML`. A field
+that is `NotSupported` is simply absent (None); one lost GPU reports `up=False` while the others
+keep reporting; a driver that cannot be loaded is `SourceUnavailable` (the loop retries with
+backoff). GPM metrics need two samples, so they appear from the second cycle on.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from collectors.base import SourceError, SourceUnavailable
+
+log = logging.getLogger("gpucap.collectors.nvml")
+
+NO_INSTANCE = 0xFFFFFFFF
+NVLINK_TX_KIB, NVLINK_RX_KIB = 138, 139  # NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX/RX, KiB since driver load
+MAX_EVENTS_PER_CYCLE = 256
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSample:
+    pid: int
+    used_memory_bytes: int | None
+    gpu_instance: int | None
+    compute_instance: int | None
+    sm_util: float | None  # 0–1, from per-process utilization samples (full GPUs only)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSample:
+    """One full GPU, a MIG-enabled parent, or one MIG instance (gpu_instance set)."""
+
+    gpu: int
+    uuid: str
+    model: str
+    up: bool = True
+    error: str = ""
+    gpu_instance: int | None = None
+    compute_instance: int | None = None
+    mig_profile: str = ""
+    parent_uuid: str = ""
+    mig_enabled: bool = False
+    pci_bus_id: str = ""
+    sm_count: int | None = None
+    compute_slices: int | None = None
+    memory_slices: int | None = None
+    utilization: float | None = None
+    memory_utilization: float | None = None
+    sm_active: float | None = None
+    sm_occupancy: float | None = None
+    tensor_active: float | None = None
+    dram_active: float | None = None
+    memory_used_bytes: int | None = None
+    memory_total_bytes: int | None = None
+    memory_reserved_bytes: int | None = None
+    power_watts: float | None = None
+    power_limit_watts: float | None = None
+    energy_joules: float | None = None
+    temperature_celsius: float | None = None
+    sm_clock_hz: float | None = None
+    sm_clock_max_hz: float | None = None
+    pcie_tx_bytes_per_second: float | None = None
+    pcie_rx_bytes_per_second: float | None = None
+    nvlink_tx_bytes: float | None = None
+    nvlink_rx_bytes: float | None = None
+    processes: tuple[ProcessSample, ...] = ()
+    xid_errors: tuple[tuple[int, int], ...] = ()  # (xid, count since the agent started)
+
+    @property
+    def is_mig(self) -> bool:
+        return self.gpu_instance is not None
+
+    @property
+    def activity(self) -> float | None:
+        """SM active (GPM) where available, else NVML utilization."""
+        return self.sm_active if self.sm_active is not None else self.utilization
+
+
+@dataclass(frozen=True, slots=True)
+class NvmlReading:
+    driver_version: str
+    cuda_version: str
+    devices: tuple[DeviceSample, ...]
+    field_errors: tuple[tuple[str, int], ...] = ()  # (function, count) of unexpected errors this cycle
+
+    def units(self) -> tuple[DeviceSample, ...]:
+        """What can be allocated: full GPUs and MIG instances (not MIG-enabled parents)."""
+        return tuple(d for d in self.devices if not d.mig_enabled)
+
+
+@dataclass
+class _CallStats:
+    count: int = 0
+    total: float = 0.0
+    worst: float = 0.0
+
+
+@dataclass
+class _Gpu:
+    index: int
+    handle: Any = None
+    uuid: str = ""
+    model: str = ""
+    pci: str = ""
+    gpm: bool = False
+    mig_enabled: bool = False
+    proc_ts: int = 0
+    xids: Counter = field(default_factory=Counter)
+    gpm_prev: dict[Any, Any] = field(default_factory=dict)  # (gi or None) -> sample
+
+
+class NvmlCollector:
+    name = "nvml"
+
+    def __init__(self, nvml: Any, *, clock: Callable[[], float] = time.perf_counter):
+        self.nvml = nvml
+        self._perf = clock
+        self._ready = False
+        self._gpus: dict[int, _Gpu] = {}
+        self._events: Any = None
+        self._driver = ""
+        self._cuda = ""
+        self.calls: dict[str, _CallStats] = {}
+        self._errors: Counter = Counter()
+
+    # --- plumbing -------------------------------------------------------------------------
+    def _call(self, fn: str, *args: Any, **kw: Any) -> Any:
+        t0 = self._perf()
+        try:
+            return getattr(self.nvml, fn)(*args, **kw)
+        finally:
+            dt = self._perf() - t0
+            st = self.calls.get(fn)
+            if st is None:
+                st = self.calls[fn] = _CallStats()
+            st.count += 1
+            st.total += dt
+            st.worst = max(st.worst, dt)
+
+    def _opt(self, fn: str, *args: Any, **kw: Any) -> Any:
+        """A field read: NotSupported/NotFound/FunctionNotFound/NoPermission → None; GpuIsLost propagates."""
+        n = self.nvml
+        try:
+            return self._call(fn, *args, **kw)
+        except n.NVMLError as e:
+            if isinstance(e, n.NVMLError_GpuIsLost):
+                raise
+            if not isinstance(e, (n.NVMLError_NotSupported, n.NVMLError_NotFound,
+                                  n.NVMLError_FunctionNotFound, n.NVMLError_NoPermission)):
+                self._errors[fn] += 1
+            return None
+
+    def _init(self) -> None:
+        n = self.nvml
+        try:
+            self._call("nvmlInit")
+        except n.NVMLError as e:
+            missing = (n.NVMLError_LibraryNotFound, n.NVMLError_DriverNotLoaded)
+            if isinstance(e, missing):
+                raise SourceUnavailable(
+                    "nvml", "no NVIDIA driver found (libnvidia-ml.so could not be loaded or the driver is not "
+                    "running); on a machine without a GPU, try: gpucap snapshot --simulate demo", e,
+                ) from None
+            raise SourceUnavailable("nvml", f"nvmlInit failed: {e}", e) from None
+        self._driver = _text(self._opt("nvmlSystemGetDriverVersion") or "")
+        cuda = self._opt("nvmlSystemGetCudaDriverVersion")
+        self._cuda = f"{cuda // 1000}.{cuda % 1000 // 10}" if isinstance(cuda, int) else ""
+        try:
+            count = self._call("nvmlDeviceGetCount")
+        except n.NVMLError as e:
+            raise SourceError("nvml", f"nvmlDeviceGetCount failed: {e}", e) from None
+        self._gpus = {i: _Gpu(i) for i in range(count)}
+        try:
+            self._events = self._call("nvmlEventSetCreate")
+        except n.NVMLError:
+            self._events = None
+        for g in self._gpus.values():
+            self._discover(g)
+        self._ready = True
+        log.info("nvml ready: driver %s, %d GPUs", self._driver or "?", count)
+
+    def _discover(self, g: _Gpu) -> None:
+        """Static facts of one GPU; a GPU lost at start is retried every cycle."""
+        n = self.nvml
+        try:
+            h = self._call("nvmlDeviceGetHandleByIndex", g.index)
+            g.uuid = _text(self._call("nvmlDeviceGetUUID", h))
+            g.model = _text(self._call("nvmlDeviceGetName", h))
+            pci = self._opt("nvmlDeviceGetPciInfo", h)
+            g.pci = _text(getattr(pci, "busId", "")) if pci is not None else ""
+            sup = self._opt("nvmlGpmQueryDeviceSupport", h)
+            g.gpm = bool(sup is not None and sup.isSupportedDevice)
+            g.handle = h
+            if self._events is not None:
+                try:
+                    self._call("nvmlDeviceRegisterEvents", h, n.nvmlEventTypeXidCriticalError, self._events)
+                except n.NVMLError as e:
+                    if isinstance(e, n.NVMLError_GpuIsLost):
+                        raise
+        except n.NVMLError as e:
+            g.handle = None
+            log.warning("nvml: GPU %d not usable: %s", g.index, e)
+
+    def close(self) -> None:
+        if self._ready:
+            for g in self._gpus.values():
+                for s in g.gpm_prev.values():
+                    self._opt("nvmlGpmSampleFree", s)
+                g.gpm_prev.clear()
+            if self._events is not None:
+                self._opt("nvmlEventSetFree", self._events)
+            self._opt("nvmlShutdown")
+            self._ready = False
+
+    # --- the cycle ------------------------------------------------------------------------
+    def collect(self, now: float) -> NvmlReading:
+        if not self._ready:
+            self._init()
+        self._errors.clear()
+        self._drain_events()
+        devices: list[DeviceSample] = []
+        for g in self._gpus.values():
+            if g.handle is None:
+                self._discover(g)
+            if g.handle is None:
+                devices.append(DeviceSample(gpu=g.index, uuid=g.uuid, model=g.model, up=False, error="unavailable"))
+                continue
+            try:
+                devices.extend(self._sample_gpu(g))
+            except self.nvml.NVMLError as e:
+                lost = isinstance(e, self.nvml.NVMLError_GpuIsLost)
+                if not lost:
+                    self._errors["device"] += 1
+                log.warning("nvml: GPU %d (%s) %s: %s", g.index, g.uuid, "is lost" if lost else "failed", e)
+                devices.append(DeviceSample(gpu=g.index, uuid=g.uuid, model=g.model, pci_bus_id=g.pci, up=False,
+                                            error="gpu_is_lost" if lost else "error",
+                                            xid_errors=tuple(sorted(g.xids.items()))))
+                for s in g.gpm_prev.values():
+                    self._opt("nvmlGpmSampleFree", s)
+                g.gpm_prev.clear()
+        return NvmlReading(self._driver, self._cuda, tuple(devices), tuple(sorted(self._errors.items())))
+
+    def _drain_events(self) -> None:
+        n = self.nvml
+        if self._events is None:
+            return
+        by_handle = {_handle_key(g.handle): g for g in self._gpus.values() if g.handle is not None}
+        for _ in range(MAX_EVENTS_PER_CYCLE):
+            try:
+                ev = self._call("nvmlEventSetWait", self._events, 0)
+            except n.NVMLError_Timeout:
+                return
+            except n.NVMLError as e:
+                self._errors["nvmlEventSetWait"] += 1
+                log.debug("nvml: event wait failed: %s", e)
+                return
+            if not ev.eventType & n.nvmlEventTypeXidCriticalError:
+                continue
+            # by handle, not UUID: after Xid 79 the GPU is off the bus and answers nothing
+            g = by_handle.get(_handle_key(ev.device))
+            if g is not None:
+                g.xids[int(ev.eventData)] += 1
+                log.warning("nvml: Xid %d on GPU %d (%s)", ev.eventData, g.index, g.uuid)
+
+    def _sample_gpu(self, g: _Gpu) -> list[DeviceSample]:
+        n = self.nvml
+        h = g.handle
+        mode = self._opt("nvmlDeviceGetMigMode", h)
+        g.mig_enabled = bool(mode and mode[0] == n.NVML_DEVICE_MIG_ENABLE)
+        mem = self._memory(h)
+        common: dict[str, Any] = {
+            "gpu": g.index, "uuid": g.uuid, "model": g.model, "pci_bus_id": g.pci, "mig_enabled": g.mig_enabled,
+            "memory_used_bytes": mem[0], "memory_total_bytes": mem[1], "memory_reserved_bytes": mem[2],
+            "xid_errors": tuple(sorted(g.xids.items())),
+        }
+        power = self._opt("nvmlDeviceGetPowerUsage", h)
+        limit = self._opt("nvmlDeviceGetEnforcedPowerLimit", h)
+        energy = self._opt("nvmlDeviceGetTotalEnergyConsumption", h)
+        clock = self._opt("nvmlDeviceGetClockInfo", h, n.NVML_CLOCK_SM)
+        clock_max = self._opt("nvmlDeviceGetMaxClockInfo", h, n.NVML_CLOCK_SM)
+        temp = self._opt("nvmlDeviceGetTemperature", h, n.NVML_TEMPERATURE_GPU)
+        tx = self._opt("nvmlDeviceGetPcieThroughput", h, n.NVML_PCIE_UTIL_TX_BYTES)
+        rx = self._opt("nvmlDeviceGetPcieThroughput", h, n.NVML_PCIE_UTIL_RX_BYTES)
+        nv_tx, nv_rx = self._nvlink(h)
+        attrs = self._opt("nvmlDeviceGetAttributes", h)
+        common.update(
+            power_watts=_scale(power, 1e-3), power_limit_watts=_scale(limit, 1e-3), energy_joules=_scale(energy, 1e-3),
+            sm_clock_hz=_scale(clock, 1e6), sm_clock_max_hz=_scale(clock_max, 1e6), temperature_celsius=_scale(temp, 1),
+            pcie_tx_bytes_per_second=_scale(tx, 1024), pcie_rx_bytes_per_second=_scale(rx, 1024),
+            nvlink_tx_bytes=_scale(nv_tx, 1024), nvlink_rx_bytes=_scale(nv_rx, 1024),
+            sm_count=getattr(attrs, "multiprocessorCount", None) if attrs is not None else None,
+        )
+        util = None if g.mig_enabled else self._opt("nvmlDeviceGetUtilizationRates", h)
+        gpm = self._gpm(g, None)
+        procs = self._processes(g, h, full=not g.mig_enabled)
+        out = [DeviceSample(
+            **common,
+            utilization=util.gpu / 100.0 if util is not None else None,
+            memory_utilization=util.memory / 100.0 if util is not None else None,
+            processes=procs, **gpm,
+        )]
+        if g.mig_enabled:
+            out.extend(self._sample_migs(g))
+        return out
+
+    def _memory(self, h: Any) -> tuple[int | None, int | None, int | None]:
+        mem = self._opt("nvmlDeviceGetMemoryInfo", h, version=self.nvml.nvmlMemory_v2)
+        if mem is not None:
+            return int(mem.used), int(mem.total), int(mem.reserved)
+        mem = self._opt("nvmlDeviceGetMemoryInfo", h)
+        if mem is not None:
+            return int(mem.used), int(mem.total), None
+        return None, None, None
+
+    def _nvlink(self, h: Any) -> tuple[int | None, int | None]:
+        values = self._opt("nvmlDeviceGetFieldValues", h, [NVLINK_TX_KIB, NVLINK_RX_KIB])
+        if values is None:
+            return None, None
+        out: list[int | None] = []
+        for v in values:
+            out.append(int(v.value.ullVal) if v.nvmlReturn == self.nvml.NVML_SUCCESS else None)
+        return out[0], out[1]
+
+    def _sample_migs(self, g: _Gpu) -> list[DeviceSample]:
+        n = self.nvml
+        out = []
+        count = self._opt("nvmlDeviceGetMaxMigDeviceCount", g.handle) or 0
+        for i in range(count):
+            try:
+                mh = self._call("nvmlDeviceGetMigDeviceHandleByIndex", g.handle, i)
+            except (n.NVMLError_NotFound, n.NVMLError_InvalidArgument):
+                continue  # an empty slot
+            uuid = _text(self._call("nvmlDeviceGetUUID", mh))
+            gi = self._call("nvmlDeviceGetGpuInstanceId", mh)
+            ci = self._opt("nvmlDeviceGetComputeInstanceId", mh)
+            name = _text(self._opt("nvmlDeviceGetName", mh) or "")
+            attrs = self._opt("nvmlDeviceGetAttributes", mh)
+            profile = mig_profile_from(name, attrs)
+            mem = self._memory(mh)
+            gpm = self._gpm(g, gi)
+            procs = self._processes(g, mh, full=False)
+            out.append(DeviceSample(
+                gpu=g.index, uuid=uuid, model=g.model, pci_bus_id=g.pci, gpu_instance=gi, compute_instance=ci,
+                mig_profile=profile, parent_uuid=g.uuid,
+                sm_count=getattr(attrs, "multiprocessorCount", None) if attrs is not None else None,
+                compute_slices=getattr(attrs, "gpuInstanceSliceCount", None) if attrs is not None else None,
+                memory_used_bytes=mem[0], memory_total_bytes=mem[1], memory_reserved_bytes=mem[2],
+                processes=procs, **gpm,
+            ))
+        return out
+
+    def _gpm(self, g: _Gpu, gi: int | None) -> dict[str, float | None]:
+        """SM active/occupancy, tensor and DRAM activity between the previous cycle's sample and now."""
+        n = self.nvml
+        if not g.gpm:
+            return {}
+        sample = self._call("nvmlGpmSampleAlloc")
+        try:
+            if gi is None:
+                self._call("nvmlGpmSampleGet", g.handle, sample)
+            else:
+                self._call("nvmlGpmMigSampleGet", g.handle, gi, sample)
+        except n.NVMLError as e:
+            self._opt("nvmlGpmSampleFree", sample)
+            if isinstance(e, n.NVMLError_GpuIsLost):
+                raise
+            return {}
+        prev = g.gpm_prev.get(gi)
+        g.gpm_prev[gi] = sample
+        if prev is None:
+            return {}
+        ids = {
+            "sm_active": n.NVML_GPM_METRIC_SM_UTIL,
+            "sm_occupancy": n.NVML_GPM_METRIC_SM_OCCUPANCY,
+            "tensor_active": n.NVML_GPM_METRIC_ANY_TENSOR_UTIL,
+            "dram_active": n.NVML_GPM_METRIC_DRAM_BW_UTIL,
+        }
+        mg = n.c_nvmlGpmMetricsGet_t()
+        mg.version = n.NVML_GPM_METRICS_GET_VERSION
+        mg.numMetrics = len(ids)
+        mg.sample1, mg.sample2 = prev, sample
+        for i, mid in enumerate(ids.values()):
+            mg.metrics[i].metricId = mid
+        try:
+            self._call("nvmlGpmMetricsGet", mg)
+        except n.NVMLError as e:
+            if isinstance(e, n.NVMLError_GpuIsLost):
+                raise
+            self._errors["nvmlGpmMetricsGet"] += 1
+            return {}
+        finally:
+            self._opt("nvmlGpmSampleFree", prev)
+        out: dict[str, float | None] = {}
+        for i, key in enumerate(ids):
+            m = mg.metrics[i]
+            if m.nvmlReturn == n.NVML_SUCCESS:
+                out[key] = max(0.0, min(1.0, float(m.value) / 100.0))
+        return out
+
+    def _processes(self, g: _Gpu, h: Any, *, full: bool) -> tuple[ProcessSample, ...]:
+        procs = self._opt("nvmlDeviceGetComputeRunningProcesses", h) or []
+        sm: dict[int, float] = {}
+        if full:
+            samples = self._opt("nvmlDeviceGetProcessUtilization", h, g.proc_ts)
+            for s in samples or ():
+                sm[int(s.pid)] = max(sm.get(int(s.pid), 0.0), s.smUtil / 100.0)
+                g.proc_ts = max(g.proc_ts, int(s.timeStamp))
+        out = []
+        seen = set()
+        for p in procs:
+            pid = int(p.pid)
+            seen.add(pid)
+            gi = getattr(p, "gpuInstanceId", NO_INSTANCE)
+            ci = getattr(p, "computeInstanceId", NO_INSTANCE)
+            mem = getattr(p, "usedGpuMemory", None)
+            out.append(ProcessSample(pid, int(mem) if mem is not None else None,
+                                     None if gi in (None, NO_INSTANCE) else int(gi),
+                                     None if ci in (None, NO_INSTANCE) else int(ci),
+                                     sm.get(pid, 0.0 if full else None)))
+        for pid, v in sm.items():
+            if pid not in seen:
+                out.append(ProcessSample(pid, None, None, None, v))
+        return tuple(out)
+
+
+def mig_profile_from(name: str, attrs: Any) -> str:
+    """'NVIDIA A100-SXM4-40GB MIG 1g.5gb' → '1g.5gb'; else from the instance's slices and memory."""
+    if " MIG " in name:
+        return name.rsplit(" MIG ", 1)[1].strip()
+    if attrs is not None and getattr(attrs, "gpuInstanceSliceCount", 0):
+        gb = round(getattr(attrs, "memorySizeMB", 0) / 1024)
+        return f"{attrs.gpuInstanceSliceCount}g.{gb}gb"
+    return ""
+
+
+def _handle_key(h: Any) -> Any:
+    """Real handles are ctypes pointers (equal by address, not identity); simulated ones are objects."""
+    try:
+        return ctypes.cast(h, ctypes.c_void_p).value
+    except (TypeError, ctypes.ArgumentError):
+        return id(h)
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _scale(v: Any, factor: float) -> float | None:
+    return None if v is None else float(v) * factor

@@ -1,0 +1,465 @@
+"""What one GPU (and one MIG slice or time-sliced share of it) costs per hour, and why.
+
+The price of a GPU is a chain of guesses from the most to the least specific: an explicit node
+annotation, the operator's config, the bundled catalog by instance type then by GPU model, and
+finally a flat default. Every answer carries the name of the rule that produced it (`source`)
+so that a dashboard can show how much of the bill rests on the default. docs/pricing.md is the
+user-facing description; the bundled figures live in collectors/data/prices.yaml.
+
+Pure module: no Kubernetes or NVML calls. The lead's config loader turns `PricingConfigError`
+into exit code 2; `PriceBook` never raises at lookup time.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import re
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+PRICE_ANNOTATION = "gpucap.io/gpu-hourly-price"
+DEFAULT_GPU_HOURLY = 0.95  # OpenCost's built-in default GPU price, $/GPU-hour
+MIG_COMPUTE_SLICES = 7
+MIG_MEMORY_SLICES = 8
+KIND_GPU, KIND_MIG, KIND_SHARE = "gpu", "mig", "share"
+MIG_BASES = ("compute", "memory")
+# Values of Price.source, in precedence order (also the `price_source` label).
+SOURCES = ("node_annotation", "config_instance_type", "config_model", "catalog_instance_type",
+           "catalog_model", "default")
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+_NOTHING = object()
+_CACHE_LIMIT = 4096
+
+
+class PricingConfigError(ValueError):
+    """A bad value in the pricing config or a price file, located precisely enough to fix it."""
+
+    def __init__(self, where: str, key_path: str, expected: str, got: object = _NOTHING):
+        self.where, self.key_path, self.expected, self.got = where, key_path, expected, got
+        located = f"{where}: {key_path}" if key_path else where
+        tail = "" if got is _NOTHING else f", got {got!r}"
+        super().__init__(f"{located}: expected {expected}{tail}")
+
+
+# --------------------------------------------------------------------------- GPU model names
+_SHARED_SUFFIX = re.compile(r"-SHARED$", re.IGNORECASE)
+_MIG_SUFFIX = re.compile(r"[-_ ]MIG[-_ ]\d+g\.\d+gb$", re.IGNORECASE)
+_MEMORY_TOKEN = re.compile(r"^(\d+)GB$")
+
+
+def canonical_model(name: str) -> str:
+    """One key per GPU model whatever spelled it (NVML, GPU Feature Discovery, GKE), so that prices,
+    labels and recommendations join. Unknown names pass through minus the vendor prefix: a
+    wrong-but-stable label beats an exception in the scrape path."""
+    raw = (name or "").strip()
+    tokens = [t for t in re.split(r"[\s_\-]+", _MIG_SUFFIX.sub("", _SHARED_SUFFIX.sub("", raw)).upper()) if t]
+    words = {t for t in tokens if t not in ("NVIDIA", "TESLA")}
+    memory = {int(m.group(1)) for t in words if (m := _MEMORY_TOKEN.match(t))}
+    key: str | None = None
+    if "H200" in words and memory <= {141}:
+        key = "H200-141GB"
+    elif "H100" in words and "NVL" not in words and memory <= {80}:
+        key = "H100-80GB"  # SXM5 (HBM3), PCIe and GKE's mega all carry 80 GB; the NVL has 94 GB
+    elif "A100" in words and memory <= {40, 80}:
+        key = "A100-80GB" if 80 in memory else "A100-40GB"  # GKE "nvidia-tesla-a100" is the 40 GB part
+    elif "L40S" in words:
+        key = "L40S"
+    elif "L4" in words:
+        key = "L4"
+    elif "A10G" in words:
+        key = "A10G"
+    elif "T4" in words:
+        key = "T4"
+    if key is not None:
+        return key
+    for prefix in ("NVIDIA ", "NVIDIA-"):
+        if raw.upper().startswith(prefix):
+            return raw[len(prefix):].strip()
+    return raw
+
+
+def capacity_type_from_labels(labels: Mapping[str, str], default: str = "on-demand") -> str:
+    """Normalise the providers' capacity labels to spot | reserved | on-demand (what pricing keys on).
+    No label means the node is priced as on-demand, the catalog's basis."""
+    karpenter = labels.get("karpenter.sh/capacity-type", "").strip().lower()
+    if karpenter:
+        return karpenter
+    eks = labels.get("eks.amazonaws.com/capacityType", "").strip().lower()
+    if eks:
+        return eks.replace("_", "-")
+    if "true" in (labels.get("cloud.google.com/gke-spot", "").lower(),
+                  labels.get("cloud.google.com/gke-preemptible", "").lower()):
+        return "spot"
+    if labels.get("kubernetes.azure.com/scalesetpriority", "").lower() == "spot":
+        return "spot"
+    return default
+
+
+# --------------------------------------------------------------------------- validation helpers
+def _price(value: object, where: str, path: str) -> float:
+    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+            or value < 0):
+        raise PricingConfigError(where, path, "a non-negative number", value)
+    return float(value)
+
+
+def _ratio(value: object, where: str, path: str) -> float:
+    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+            or not 0 < value <= 1):
+        raise PricingConfigError(where, path, "a number in (0, 1]", value)
+    return float(value)
+
+
+def _mapping(value: object, where: str, path: str) -> Mapping[Any, Any]:
+    if value is None:
+        return _EMPTY
+    if not isinstance(value, Mapping):
+        raise PricingConfigError(where, path, "a mapping", value)
+    return value
+
+
+def _known_keys(data: Mapping[Any, Any], known: tuple[str, ...], where: str, path: str) -> None:
+    for key in data:
+        if key not in known:
+            raise PricingConfigError(where, f"{path}.{key}" if path else str(key),
+                                     f"one of the keys {', '.join(known)}", key)
+
+
+def _key(key: object, where: str, path: str) -> str:
+    if not isinstance(key, str) or not key.strip():
+        raise PricingConfigError(where, f"{path}.{key}", "a non-empty string key", key)
+    return key.strip()
+
+
+def _text(value: object, where: str, path: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, _dt.date):  # YAML reads an unquoted 2026-07-20 as a date
+        return value.isoformat()
+    if not isinstance(value, str):
+        raise PricingConfigError(where, path, "a string", value)
+    return value
+
+
+# --------------------------------------------------------------------------- catalog
+@dataclass(frozen=True, slots=True)
+class InstanceTypePrice:
+    instance_type: str
+    gpus: int
+    gpu_model: str
+    gpu_hourly: float  # per GPU: the instance's hourly / gpus, or the file's explicit gpu_hourly
+    source: str
+    date: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    gpu_model: str
+    gpu_hourly: float
+    source: str
+    date: str
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    instance_types: Mapping[str, InstanceTypePrice]  # keyed by casefolded instance type
+    gpu_models: Mapping[str, ModelPrice]  # keyed by canonical model
+    default: ModelPrice | None = None
+
+    def merged_over(self, base: Catalog) -> Catalog:
+        """This catalog's rows replace the base's rows with the same key, whole rows at a time."""
+        return Catalog(MappingProxyType({**base.instance_types, **self.instance_types}),
+                       MappingProxyType({**base.gpu_models, **self.gpu_models}),
+                       self.default or base.default)
+
+
+_INSTANCE_KEYS = ("gpus", "gpu_model", "hourly", "gpu_hourly", "source", "date")
+_MODEL_KEYS = ("gpu_hourly", "source", "date")
+
+
+def parse_catalog(text: str, where: str, *, allow_default: bool = True) -> Catalog:
+    """Parse and validate a price file. Pure, so that it is tested on literal strings."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PricingConfigError(where, "", "a YAML price file", str(exc).splitlines()[0]) from exc
+    data = _mapping(data, where, "(top level)")
+    known = ("instance_types", "gpu_models", "default") if allow_default else ("instance_types", "gpu_models")
+    _known_keys(data, known, where, "")
+    instances: dict[str, InstanceTypePrice] = {}
+    for raw_key, row in _mapping(data.get("instance_types"), where, "instance_types").items():
+        name = _key(raw_key, where, "instance_types")
+        path = f"instance_types.{name}"
+        row = _mapping(row, where, path)
+        _known_keys(row, _INSTANCE_KEYS, where, path)
+        gpus = row.get("gpus")
+        if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+            raise PricingConfigError(where, f"{path}.gpus", "a positive whole number", gpus)
+        model = row.get("gpu_model")
+        if not isinstance(model, str) or not model.strip():
+            raise PricingConfigError(where, f"{path}.gpu_model", "a GPU model name", model)
+        if ("hourly" in row) == ("gpu_hourly" in row):
+            raise PricingConfigError(where, path, "exactly one of hourly (instance $/h) or gpu_hourly ($/GPU-h)")
+        per_gpu = (_price(row["hourly"], where, f"{path}.hourly") / gpus if "hourly" in row
+                   else _price(row["gpu_hourly"], where, f"{path}.gpu_hourly"))
+        if name.casefold() in instances:
+            raise PricingConfigError(where, path, "one row per instance type (case is ignored)", name)
+        instances[name.casefold()] = InstanceTypePrice(
+            name, gpus, canonical_model(model), per_gpu,
+            _text(row.get("source"), where, f"{path}.source"), _text(row.get("date"), where, f"{path}.date"))
+    models: dict[str, ModelPrice] = {}
+    for raw_key, row in _mapping(data.get("gpu_models"), where, "gpu_models").items():
+        model_row = _model_row(_key(raw_key, where, "gpu_models"), row, where, "gpu_models")
+        if model_row.gpu_model in models:
+            raise PricingConfigError(where, f"gpu_models.{raw_key}", "one row per GPU model", raw_key)
+        models[model_row.gpu_model] = model_row
+    default = None
+    if data.get("default") is not None:
+        default = _model_row("default", data["default"], where, "")
+    return Catalog(MappingProxyType(instances), MappingProxyType(models), default)
+
+
+def _model_row(name: str, row: object, where: str, parent: str) -> ModelPrice:
+    path = f"{parent}.{name}" if parent else name
+    row = _mapping(row, where, path)
+    _known_keys(row, _MODEL_KEYS, where, path)
+    if "gpu_hourly" not in row:
+        raise PricingConfigError(where, f"{path}.gpu_hourly", "a non-negative number (required)")
+    return ModelPrice(canonical_model(name) if parent else name,
+                      _price(row["gpu_hourly"], where, f"{path}.gpu_hourly"),
+                      _text(row.get("source"), where, f"{path}.source"),
+                      _text(row.get("date"), where, f"{path}.date"))
+
+
+def load_catalog(path: str, *, where_config: str = "config", key_path: str = "pricing.catalog_path") -> Catalog:
+    """An operator's extra price file; errors inside it name the file itself."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PricingConfigError(where_config, key_path, f"a readable price file ({exc})", path) from exc
+    return parse_catalog(text, path, allow_default=False)
+
+
+@cache
+def bundled_catalog() -> Catalog:
+    """Read once per process: the file ships inside the package and never changes at run time."""
+    text = resources.files("collectors").joinpath("data/prices.yaml").read_text(encoding="utf-8")
+    return parse_catalog(text, "collectors/data/prices.yaml")
+
+
+# --------------------------------------------------------------------------- config
+@dataclass(frozen=True, slots=True)
+class PricingConfig:
+    """The `pricing:` section of the agent config. Prices are on-demand $/GPU-hour."""
+
+    gpu_hourly_by_instance_type: Mapping[str, float] = field(default_factory=lambda: _EMPTY)  # per GPU
+    gpu_hourly_by_model: Mapping[str, float] = field(default_factory=lambda: _EMPTY)
+    default_gpu_hourly: float = DEFAULT_GPU_HOURLY
+    spot_ratio: float = 0.35
+    reserved_ratio: float = 0.6
+    mig_cost_basis: str = "compute"
+    catalog_path: str | None = None
+
+    def __post_init__(self) -> None:
+        # Mappings are frozen too, so a PricingConfig can be shared between threads safely.
+        object.__setattr__(self, "gpu_hourly_by_instance_type",
+                           MappingProxyType(dict(self.gpu_hourly_by_instance_type)))
+        object.__setattr__(self, "gpu_hourly_by_model", MappingProxyType(dict(self.gpu_hourly_by_model)))
+
+
+_CONFIG_KEYS = ("gpu_hourly_by_instance_type", "gpu_hourly_by_model", "default_gpu_hourly", "spot_ratio",
+                "reserved_ratio", "mig_cost_basis", "catalog_path")
+
+
+def pricing_config_from_dict(data: Mapping[str, Any] | None, where: str,
+                             *, base_dir: str | None = None) -> PricingConfig:
+    """Validate the `pricing:` mapping of the config file named `where`. A relative `catalog_path`
+    is resolved against `base_dir` (the config file's directory) when given, and the file is
+    loaded now so that `gpucap check-config` catches a bad price file."""
+    data = _mapping(data, where, "pricing")
+    _known_keys(data, _CONFIG_KEYS, where, "pricing")
+    by_type: dict[str, float] = {}
+    seen: set[str] = set()
+    path = "pricing.gpu_hourly_by_instance_type"
+    for raw_key, value in _mapping(data.get("gpu_hourly_by_instance_type"), where, path).items():
+        name = _key(raw_key, where, path)
+        if name.casefold() in seen:
+            raise PricingConfigError(where, f"{path}.{raw_key}", "one entry per instance type (case is ignored)")
+        seen.add(name.casefold())
+        by_type[name] = _price(value, where, f"{path}.{raw_key}")
+    by_model: dict[str, float] = {}
+    path = "pricing.gpu_hourly_by_model"
+    for raw_key, value in _mapping(data.get("gpu_hourly_by_model"), where, path).items():
+        model = canonical_model(_key(raw_key, where, path))
+        if model in by_model:
+            raise PricingConfigError(where, f"{path}.{raw_key}", f"one entry per GPU model ({model} twice)")
+        by_model[model] = _price(value, where, f"{path}.{raw_key}")
+    kwargs: dict[str, Any] = {}
+    if "default_gpu_hourly" in data:
+        kwargs["default_gpu_hourly"] = _price(data["default_gpu_hourly"], where, "pricing.default_gpu_hourly")
+    for name in ("spot_ratio", "reserved_ratio"):
+        if name in data:
+            kwargs[name] = _ratio(data[name], where, f"pricing.{name}")
+    if "mig_cost_basis" in data:
+        if data["mig_cost_basis"] not in MIG_BASES:
+            raise PricingConfigError(where, "pricing.mig_cost_basis", "one of 'compute', 'memory'",
+                                     data["mig_cost_basis"])
+        kwargs["mig_cost_basis"] = data["mig_cost_basis"]
+    if data.get("catalog_path") is not None:
+        raw = data["catalog_path"]
+        if not isinstance(raw, str) or not raw.strip():
+            raise PricingConfigError(where, "pricing.catalog_path", "a file path", raw)
+        catalog_path = Path(raw.strip()).expanduser()
+        if base_dir is not None and not catalog_path.is_absolute():
+            catalog_path = Path(base_dir) / catalog_path
+        load_catalog(str(catalog_path), where_config=where)
+        kwargs["catalog_path"] = str(catalog_path)
+    return PricingConfig(by_type, by_model, **kwargs)
+
+
+# --------------------------------------------------------------------------- resolution
+@dataclass(frozen=True, slots=True)
+class Price:
+    hourly_dollars: float  # one full GPU, after the spot/reserved ratio
+    source: str  # one of SOURCES
+    instance_type: str
+    capacity_type: str
+    gpu_model: str
+
+
+class PriceBook:
+    """Resolves GPU prices by the precedence in docs/pricing.md. Lookups never raise: the worst
+    case is the default price, counted in `unknown_lookups` so that it can be alerted on."""
+
+    def __init__(self, config: PricingConfig):
+        self.config = config
+        catalog = bundled_catalog()
+        if config.catalog_path:
+            catalog = load_catalog(config.catalog_path).merged_over(catalog)
+        self.catalog = catalog
+        self._by_type = {k.strip().casefold(): v for k, v in config.gpu_hourly_by_instance_type.items()}
+        self._by_model = {canonical_model(k): v for k, v in config.gpu_hourly_by_model.items()}
+        self._cache: dict[tuple[str, str, str, str | None, str], Price] = {}
+        self._warned: set[tuple[str, ...]] = set()
+        self._lock = threading.Lock()
+        self.unknown_lookups = 0  # every lookup answered by the default, cached or not
+
+    def gpu_price(self, node_name: str, instance_type: str, capacity_type: str,
+                  node_annotations: Mapping[str, str], gpu_model: str) -> Price:
+        annotation = (node_annotations or _EMPTY).get(PRICE_ANNOTATION)
+        key = (node_name, instance_type or "", capacity_type or "", annotation, gpu_model or "")
+        with self._lock:
+            price = self._cache.get(key)
+            if price is None:
+                if len(self._cache) >= _CACHE_LIMIT:
+                    self._cache.clear()
+                price = self._cache[key] = self._resolve(*key)
+            if price.source == "default":
+                self.unknown_lookups += 1
+            return price
+
+    def _ratio(self, capacity_type: str) -> float:
+        kind = capacity_type.strip().lower()
+        return {"spot": self.config.spot_ratio, "reserved": self.config.reserved_ratio}.get(kind, 1.0)
+
+    def _resolve(self, node: str, instance_type: str, capacity_type: str, annotation: str | None,
+                 gpu_model: str) -> Price:
+        itype = instance_type.strip()
+        model = canonical_model(gpu_model) if gpu_model.strip() else ""
+        row = self.catalog.instance_types.get(itype.casefold()) if itype else None
+        shown_model = model or (row.gpu_model if row else "")
+
+        def priced(hourly: float, source: str) -> Price:
+            return Price(hourly, source, itype, capacity_type, shown_model)
+
+        if annotation is not None:
+            explicit = _parse_annotation(annotation)
+            if explicit is not None:
+                return priced(explicit, "node_annotation")  # the node's own price: no spot/reserved ratio
+            if ("annotation", node, annotation) not in self._warned:
+                self._warned.add(("annotation", node, annotation))
+                log.warning("node %s: ignoring annotation %s=%r (expected a non-negative number of dollars "
+                            "per GPU-hour); using the next price rule", node, PRICE_ANNOTATION, annotation)
+        ratio = self._ratio(capacity_type)
+        if itype and itype.casefold() in self._by_type:
+            return priced(self._by_type[itype.casefold()] * ratio, "config_instance_type")
+        if model and model in self._by_model:
+            return priced(self._by_model[model] * ratio, "config_model")
+        if row is not None:
+            return priced(row.gpu_hourly * ratio, "catalog_instance_type")
+        if model and model in self.catalog.gpu_models:
+            return priced(self.catalog.gpu_models[model].gpu_hourly * ratio, "catalog_model")
+        if ("unknown", itype, model) not in self._warned:
+            self._warned.add(("unknown", itype, model))
+            log.warning("no price known for instance type %r, GPU model %r: using the default $%.4g per "
+                        "GPU-hour (set pricing.gpu_hourly_by_instance_type or pricing.gpu_hourly_by_model)",
+                        itype, model, self.config.default_gpu_hourly)
+        return priced(self.config.default_gpu_hourly * ratio, "default")
+
+
+def _parse_annotation(value: str) -> float | None:
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
+
+
+# --------------------------------------------------------------------------- units
+def unit_price(parent: Price, kind: str, *, compute_slices: int = 0, memory_slices: int = 0,
+               replicas: int = 1, basis: str = "compute") -> float:
+    """$/hour of one unit. A MIG instance costs its share of the parent (compute slices of 7, or
+    memory slices of 8); a time-sliced share costs parent / replicas. A time-sliced MIG instance
+    (kind "mig" with replicas > 1) is both. Raises ValueError on impossible shapes: those are
+    bugs or corrupt device data, which the caller skips and counts."""
+    if replicas < 1:
+        raise ValueError(f"replicas must be >= 1, got {replicas}")
+    if kind == KIND_GPU:
+        return parent.hourly_dollars
+    if kind == KIND_SHARE:
+        return parent.hourly_dollars / replicas
+    if kind != KIND_MIG:
+        raise ValueError(f"unit kind must be one of {KIND_GPU}, {KIND_MIG}, {KIND_SHARE}; got {kind!r}")
+    if basis == "compute":
+        if not 1 <= compute_slices <= MIG_COMPUTE_SLICES:
+            raise ValueError(f"MIG compute slices must be 1..{MIG_COMPUTE_SLICES}, got {compute_slices}")
+        share = parent.hourly_dollars * compute_slices / MIG_COMPUTE_SLICES
+    elif basis == "memory":
+        if not 1 <= memory_slices <= MIG_MEMORY_SLICES:
+            raise ValueError(f"MIG memory slices must be 1..{MIG_MEMORY_SLICES}, got {memory_slices}")
+        share = parent.hourly_dollars * memory_slices / MIG_MEMORY_SLICES
+    else:
+        raise ValueError(f"MIG cost basis must be one of {', '.join(MIG_BASES)}; got {basis!r}")
+    return share if replicas == 1 else share / replicas
+
+
+_MIG_PROFILE = re.compile(r"(?:^|[/-])(\d+)g\.(\d+)gb$", re.IGNORECASE)
+
+
+def mig_memory_slices(instance_memory: float, parent_memory: float) -> int:
+    """Memory slices (of 8) from sizes in any one unit: NVML's MiB are not round numbers
+    (a 1g.10gb instance on an H100 has ~9.8 GB of ~79.6), so round to the nearest slice."""
+    if parent_memory <= 0:
+        raise ValueError(f"parent memory must be positive, got {parent_memory}")
+    return max(1, min(MIG_MEMORY_SLICES, round(MIG_MEMORY_SLICES * instance_memory / parent_memory)))
+
+
+def mig_profile_slices(profile: str, parent_memory_gb: float) -> tuple[int, int]:
+    """(compute slices, memory slices) of a profile name like "3g.40gb", "mig-3g.40gb" or
+    "nvidia.com/mig-3g.40gb" on a parent GPU with that much memory (GB, as in the model key)."""
+    match = _MIG_PROFILE.search(profile.strip())
+    if match is None or not 1 <= int(match.group(1)) <= MIG_COMPUTE_SLICES:
+        raise ValueError(f"not a MIG profile: {profile!r}")
+    return int(match.group(1)), mig_memory_slices(int(match.group(2)), parent_memory_gb)

@@ -1,0 +1,291 @@
+"""The simulated node at run time: who holds which device, and how busy everything is at time t.
+
+Every simulated source (NVML, kubelet, metadata, inference endpoints) reads this one object, so
+they agree. Values are pure functions of (scenario, seed, t) except inference queues, which are
+integrated forward in time (monotonically) by the traffic models.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import zlib
+from dataclasses import dataclass
+
+from collectors.schema import InputError
+from collectors.simulated.catalog import MigProfile
+from collectors.simulated.scenario import ContainerSpec, LoadSpec, PodSpec, Scenario
+
+
+@dataclass(frozen=True, slots=True)
+class SimAllocation:
+    pod: PodSpec
+    container: ContainerSpec
+    resource: str
+    device_id: str  # as the device plugin reports it
+    gpu: int
+    mig_index: int | None  # index into the GPU's MIG instances
+    replica: int | None
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class SimMig:
+    gpu: int
+    index: int
+    gi: int
+    ci: int
+    profile: MigProfile
+    uuid: str
+
+
+def allocate(sc: Scenario) -> tuple[SimAllocation, ...]:
+    """First-fit allocation like the device plugin; an impossible request is a scenario error."""
+    free_full = [g.index for g in sc.gpus if g.mig is None]
+    free_replicas = [(g.index, r) for r in range(sc.replicas) for g in sc.gpus if g.mig is None]
+    free_replicas.sort()
+    free_mig = [(g.index, j, m.profile) for g in sc.gpus if g.mig for j, m in enumerate(g.mig)]
+    out = []
+    for pi, pod in enumerate(sc.pods):
+        for ci, c in enumerate(pod.containers):
+            where = f"pods[{pi}].containers[{ci}]"
+            pid = 1000 + zlib.crc32(f"{pod.uid}/{c.name}".encode()) % 4_000_000
+            if c.devices:
+                for d in c.devices:
+                    if d >= len(sc.gpus) or sc.gpus[d].mig is not None or d not in free_full:
+                        raise InputError(sc.path, f"{where}.devices", "free full GPUs of this node", d)
+                    free_full.remove(d)
+                    free_replicas = [fr for fr in free_replicas if fr[0] != d]
+                    out.append(SimAllocation(pod, c, "nvidia.com/gpu", sc.gpus[d].uuid, d, None, None, pid))
+            elif c.gpus:
+                if sc.replicas > 1:
+                    if len(free_replicas) < c.gpus:
+                        raise InputError(sc.path, f"{where}.gpus", f"at most {len(free_replicas)} free shares", c.gpus)
+                    for _ in range(c.gpus):
+                        gi, rep = free_replicas.pop(0)
+                        dev = f"{sc.gpus[gi].uuid}::{rep}"
+                        out.append(SimAllocation(pod, c, sc.shared_resource, dev, gi, None, rep, pid))
+                else:
+                    if len(free_full) < c.gpus:
+                        raise InputError(sc.path, f"{where}.gpus", f"at most {len(free_full)} free GPUs", c.gpus)
+                    for _ in range(c.gpus):
+                        gi = free_full.pop(0)
+                        out.append(SimAllocation(pod, c, "nvidia.com/gpu", sc.gpus[gi].uuid, gi, None, None, pid))
+            for prof, n in c.mig:
+                for _ in range(n):
+                    slot = next((s for s in free_mig if s[2] == prof), None)
+                    if slot is None:
+                        raise InputError(sc.path, f"{where}.mig.{prof}", f"a free {prof} MIG instance on this node", n)
+                    free_mig.remove(slot)
+                    gi, j, _ = slot
+                    mig = sc.gpus[gi].mig[j]  # type: ignore[index]
+                    out.append(SimAllocation(pod, c, f"nvidia.com/mig-{prof}", mig.uuid, gi, j, None, pid))
+    return tuple(out)
+
+
+def _noise(seed: int, key: str, t: float, amplitude: float) -> float:
+    if amplitude <= 0:
+        return 0.0
+    bucket = int(t // 10)
+    h = zlib.crc32(f"{seed}/{key}/{bucket}".encode()) / 0xFFFFFFFF
+    return (h * 2 - 1) * amplitude
+
+
+def load_at(spec: LoadSpec, t: float, seed: int, key: str) -> float:
+    """The load shape at time t (unclamped for request rates; callers clamp utilization)."""
+    p = spec.pattern
+    if p == "idle":
+        v = 0.0
+    elif p == "constant":
+        v = spec.level
+    elif p == "diurnal":
+        phase = 2 * math.pi * ((t - spec.peak_at) / spec.period)
+        v = spec.minimum + (spec.maximum - spec.minimum) * (0.5 + 0.5 * math.cos(phase))
+    elif p == "bursty":
+        v = spec.burst_level if (t % spec.burst_every) < spec.burst_duration else spec.level
+    elif p == "ramp":
+        frac = min(1.0, max(0.0, t / spec.ramp_duration))
+        v = spec.start_level + (spec.end_level - spec.start_level) * frac
+    else:  # trace: step function, repeating after the last point
+        pts = spec.trace
+        span = pts[-1][0] if pts[-1][0] > 0 else 1.0
+        tt = t % span if t >= span else t
+        v = pts[0][1]
+        for ts, val in pts:
+            if ts <= tt:
+                v = val
+            else:
+                break
+    if spec.noise and p != "idle":
+        v += _noise(seed, key, t, spec.noise)
+    return max(0.0, v)
+
+
+class SimNode:
+    """Scenario + time → device activity, memory, processes, traffic."""
+
+    def __init__(self, sc: Scenario):
+        from collectors.simulated.inference import TrafficModel
+
+        self.sc = sc
+        self.allocations = allocate(sc)
+        self.migs: dict[int, tuple[SimMig, ...]] = {}
+        for g in sc.gpus:
+            if g.mig is not None:
+                prof = [sc.model.mig_profile(m.profile) for m in g.mig]
+                # GPU instance ids as NVML numbers them: not contiguous, small integers
+                self.migs[g.index] = tuple(
+                    SimMig(g.index, j, gi=1 + j * 2, ci=0, profile=p, uuid=m.uuid)  # type: ignore[arg-type]
+                    for j, (m, p) in enumerate(zip(g.mig, prof))
+                )
+        self._lock = threading.Lock()
+        self._traffic: dict[str, TrafficModel] = {}
+        for p in sc.pods:
+            if p.inference is not None:
+                inf = p.inference
+                self._traffic[p.uid] = TrafficModel(
+                    server=inf.server, model=inf.model, capacity_rps=inf.capacity_rps,
+                    mean_prompt_tokens=inf.prompt_tokens, mean_generated_tokens=inf.generated_tokens,
+                    max_running=inf.max_running, seed=sc.seed + zlib.crc32(p.uid.encode()) % 1000,
+                )
+        self._traffic_t = 0.0
+
+    # --- time-dependent state -------------------------------------------------------------
+    def advance(self, t: float) -> None:
+        """Integrate inference queues forward to t (never backwards)."""
+        with self._lock:
+            if t <= self._traffic_t:
+                return
+            for p in self.sc.pods:
+                tm = self._traffic.get(p.uid)
+                if tm is None:
+                    continue
+                # integrate in chunks so diurnal traffic changes along the way
+                cur = self._traffic_t
+                while cur < t:
+                    nxt = min(t, cur + 60.0)
+                    rate = load_at(p.inference.traffic, nxt, self.sc.seed, p.uid) if p.alive(nxt) else 0.0  # type: ignore[union-attr]
+                    tm.advance(nxt, rate)
+                    cur = nxt
+            self._traffic_t = t
+
+    def traffic(self, pod_uid: str):  # -> TrafficModel | None
+        return self._traffic.get(pod_uid)
+
+    def live_allocations(self, t: float) -> list[SimAllocation]:
+        return [a for a in self.allocations if a.pod.alive(t)]
+
+    def container_load(self, a: SimAllocation, t: float) -> float:
+        """Utilization (0–1) the container drives on one of its devices."""
+        if not a.pod.alive(t):
+            return 0.0
+        tm = self._traffic.get(a.pod.uid)
+        if tm is not None:
+            self.advance(t)
+            return min(1.0, max(0.0, tm.utilization))
+        return min(1.0, load_at(a.container.load, t, self.sc.seed, f"{a.pod.uid}/{a.container.name}"))
+
+    def holders(self, gpu: int, mig_index: int | None, t: float) -> list[SimAllocation]:
+        return [a for a in self.live_allocations(t) if a.gpu == gpu and a.mig_index == mig_index]
+
+    def device_util(self, gpu: int, mig_index: int | None, t: float) -> float:
+        """NVML-style utilization: time a kernel ran. Shares add up (time-slicing), capped at 1."""
+        total = sum(self.container_load(a, t) for a in self.holders(gpu, mig_index, t))
+        for hp in self.sc.host_processes:
+            if hp.gpu == gpu and mig_index is None:
+                total += load_at(hp.load, t, self.sc.seed, f"host/{hp.pid}")
+        return min(1.0, total)
+
+    def _efficiency(self, gpu: int, mig_index: int | None, t: float) -> tuple[float, float]:
+        hs = self.holders(gpu, mig_index, t)
+        if not hs:
+            return 0.85, 0.5
+        return hs[0].container.load.sm_efficiency, hs[0].container.load.tensor_ratio
+
+    def sm_active(self, gpu: int, mig_index: int | None, t: float) -> float:
+        if mig_index is None and gpu in self.migs:
+            # parent of MIG instances: SM activity is the slice-weighted sum of its instances
+            return sum(self.sm_active(gpu, m.index, t) * m.profile.compute_slices / 7 for m in self.migs[gpu])
+        eff, _ = self._efficiency(gpu, mig_index, t)
+        return self.device_util(gpu, mig_index, t) * eff
+
+    def tensor_active(self, gpu: int, mig_index: int | None, t: float) -> float:
+        _, ratio = self._efficiency(gpu, mig_index, t)
+        return self.sm_active(gpu, mig_index, t) * ratio
+
+    def memory_used(self, gpu: int, mig_index: int | None, t: float) -> int:
+        cap = self.memory_total(gpu, mig_index)
+        used = 0
+        for a in self.holders(gpu, mig_index, t):
+            if a.container.memory_bytes is not None:
+                used += a.container.memory_bytes
+            elif a.pod.inference is not None:
+                used += int(cap * 0.9 / max(1, self.sc.replicas))  # vLLM-style preallocation
+            else:
+                used += int(cap * 0.1 + cap * 0.6 * self.container_load(a, t))
+        for hp in self.sc.host_processes:
+            if hp.gpu == gpu and mig_index is None:
+                used += hp.memory_bytes
+        if mig_index is None and gpu in self.migs:
+            used = sum(self.memory_used(gpu, m.index, t) for m in self.migs[gpu])
+        return min(cap, used)
+
+    def memory_total(self, gpu: int, mig_index: int | None) -> int:
+        if mig_index is not None:
+            return self.migs[gpu][mig_index].profile.memory_mib * 1024 * 1024
+        return self.sc.model.memory_bytes
+
+    def processes(self, gpu: int, mig_index: int | None, t: float) -> list[tuple[int, int, int | None, int | None]]:
+        """(pid, used memory bytes, gi, ci) of compute processes; the parent lists its instances' too."""
+        out = []
+        targets = [mig_index]
+        if mig_index is None and gpu in self.migs:
+            targets = [m.index for m in self.migs[gpu]]
+        for mi in targets:
+            mig = self.migs[gpu][mi] if mi is not None else None
+            hs = self.holders(gpu, mi, t)
+            for a in hs:
+                if a.container.memory_bytes is not None or a.pod.inference is not None or self.container_load(a, t) > 0:
+                    mem = self._proc_memory(a, t)
+                    out.append((a.pid, mem, mig.gi if mig else None, mig.ci if mig else None))
+        if mig_index is None:
+            for hp in self.sc.host_processes:
+                if hp.gpu == gpu:
+                    out.append((hp.pid, hp.memory_bytes, None, None))
+        return out
+
+    def _proc_memory(self, a: SimAllocation, t: float) -> int:
+        cap = self.memory_total(a.gpu, a.mig_index)
+        if a.container.memory_bytes is not None:
+            return a.container.memory_bytes
+        if a.pod.inference is not None:
+            return int(cap * 0.9 / max(1, self.sc.replicas))
+        return int(cap * 0.1 + cap * 0.6 * self.container_load(a, t))
+
+    def process_sm_util(self, gpu: int, t: float) -> list[tuple[int, float]]:
+        """Per-process SM utilization on a full GPU (time-sliced sharers split the device's)."""
+        loads = [(a.pid, self.container_load(a, t)) for a in self.holders(gpu, None, t)]
+        for hp in self.sc.host_processes:
+            if hp.gpu == gpu:
+                loads.append((hp.pid, load_at(hp.load, t, self.sc.seed, f"host/{hp.pid}")))
+        total = sum(v for _, v in loads)
+        scale = min(1.0, total) / total if total > 0 else 0.0
+        return [(pid, v * scale) for pid, v in loads if v > 0]
+
+    # --- faults ---------------------------------------------------------------------------
+    def fault(self, kind: str, t: float, *, gpu: int | None = None, field: str = "", source: str = ""):
+        for f in self.sc.faults:
+            if f.kind != kind or not f.active(t):
+                continue
+            if gpu is not None and f.gpu is not None and f.gpu != gpu:
+                continue
+            if field and f.field != field:
+                continue
+            if source and f.source != source:
+                continue
+            return f
+        return None
+
+    def xid_events(self, gpu: int, t0: float, t1: float) -> list[int]:
+        """Xid errors whose time falls in (t0, t1]."""
+        return [f.xid for f in self.sc.faults if f.kind == "xid" and t0 < f.at <= t1 and f.gpu in (None, gpu)]
