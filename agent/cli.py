@@ -87,21 +87,20 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--config", "config_path", envvar="GPUCAP_CONFIG", type=click.Path(dir_okay=False),
+@click.option("--config", "config_path", envvar="GPUCAP_CONFIG", show_envvar=True, type=click.Path(dir_okay=False),
               help="YAML config file (see docs/configuration.md).")
-@click.option("--listen", envvar="GPUCAP_LISTEN", default=None, help="Address of /metrics and /healthz [:9470].")
-@click.option("--interval", envvar="GPUCAP_INTERVAL", callback=_duration, default=None,
+@click.option("--listen", envvar="GPUCAP_LISTEN", show_envvar=True, default=None, help="Address of /metrics and /healthz [:9470].")
+@click.option("--interval", envvar="GPUCAP_INTERVAL", show_envvar=True, callback=_duration, default=None,
               help="NVML collection interval, e.g. 10s (overrides nvml.interval).")
-@click.option("--simulate", envvar="GPUCAP_SIMULATE", default=None, metavar="SCENARIO",
+@click.option("--simulate", envvar="GPUCAP_SIMULATE", show_envvar=True, default=None, metavar="SCENARIO",
               help="Run on a simulated node: a built-in scenario name (gpucap scenarios) or a YAML file.")
-@click.option("--speed", envvar="GPUCAP_SPEED", type=click.FloatRange(min=0.001), default=1.0, show_default=True,
+@click.option("--speed", envvar="GPUCAP_SPEED", show_envvar=True, type=click.FloatRange(min=0.001), default=1.0, show_default=True,
               help="With --simulate: simulated time runs this many times faster.")
-@click.option("--history", envvar="GPUCAP_HISTORY", default=None, help="SQLite history file (reserved).")
-@click.option("--log-format", envvar="GPUCAP_LOG_FORMAT", type=click.Choice(["text", "json"]), default=None)
-@click.option("--log-level", envvar="GPUCAP_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
+@click.option("--log-format", envvar="GPUCAP_LOG_FORMAT", show_envvar=True, type=click.Choice(["text", "json"]), default=None)
+@click.option("--log-level", envvar="GPUCAP_LOG_LEVEL", show_envvar=True, type=click.Choice(["debug", "info", "warning", "error"]),
               default=None)
 def run(config_path: str | None, listen: str | None, interval: float | None, simulate: str | None, speed: float,
-        history: str | None, log_format: str | None, log_level: str | None) -> None:
+        log_format: str | None, log_level: str | None) -> None:
     """Run the agent: collect in the background, serve /metrics and /healthz."""
     from dataclasses import replace
 
@@ -139,14 +138,14 @@ def run(config_path: str | None, listen: str | None, interval: float | None, sim
 
 
 @main.command()
-@click.option("--config", "config_path", envvar="GPUCAP_CONFIG", type=click.Path(dir_okay=False))
-@click.option("--simulate", envvar="GPUCAP_SIMULATE", default=None, metavar="SCENARIO",
+@click.option("--config", "config_path", envvar="GPUCAP_CONFIG", show_envvar=True, type=click.Path(dir_okay=False))
+@click.option("--simulate", envvar="GPUCAP_SIMULATE", show_envvar=True, default=None, metavar="SCENARIO",
               help="A built-in scenario name or a YAML file instead of this node's GPUs.")
-@click.option("--at", "at", envvar="GPUCAP_AT", callback=_duration, default=None,
+@click.option("--at", "at", envvar="GPUCAP_AT", show_envvar=True, callback=_duration, default=None,
               help="With --simulate: run the simulated clock forward first, e.g. 45m.")
-@click.option("--format", "fmt", envvar="GPUCAP_FORMAT", type=click.Choice(["table", "json", "prometheus"]),
+@click.option("--format", "fmt", envvar="GPUCAP_FORMAT", show_envvar=True, type=click.Choice(["table", "json", "prometheus"]),
               default="table", show_default=True)
-@click.option("--start", "start", envvar="GPUCAP_START", type=float, default=None, hidden=True,
+@click.option("--start", "start", envvar="GPUCAP_START", show_envvar=True, type=float, default=None, hidden=True,
               help="With --simulate: the simulated clock's start (Unix seconds), for reproducible output.")
 def snapshot(config_path: str | None, simulate: str | None, at: float | None, fmt: str, start: float | None) -> None:
     """Collect once from every source and print the node: every GPU, who holds it, how busy, what it costs."""

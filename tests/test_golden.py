@@ -1,0 +1,54 @@
+"""The `demo` scenario's /metrics at a fixed simulated time, diffed against tests/golden/demo.metrics.
+
+Update deliberately with `make golden` (GPUCAP_UPDATE_GOLDEN=1) and review the diff: every changed
+line is a change users' dashboards and alerts will see.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from agent.cli import take_snapshot
+from agent.config import Config
+from agent.exposition import render
+from agent.sources import build_runtime
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "demo.metrics")
+START = 1767225600.0  # 2026-01-01T00:00:00Z
+# wall-clock durations are the only non-deterministic values
+_VOLATILE = re.compile(r"^(gpucap_collector_duration_seconds\{[^}]*\}) .*$", re.MULTILINE)
+
+
+def demo_metrics(at: float = 45 * 60) -> str:
+    rt = build_runtime(Config(), simulate="demo", realtime=False, start=START)
+    try:
+        state = take_snapshot(rt, at, True)
+    finally:
+        rt.close()
+    return _VOLATILE.sub(r"\1 0.0", render(state))
+
+
+def test_demo_metrics_match_golden() -> None:
+    text = demo_metrics()
+    if os.environ.get("GPUCAP_UPDATE_GOLDEN"):
+        with open(GOLDEN, "w", encoding="utf-8") as f:
+            f.write(text)
+    with open(GOLDEN, encoding="utf-8") as f:
+        golden = f.read()
+    assert text == golden, "demo /metrics changed: review, then run `make golden`"
+
+
+def test_golden_is_deterministic() -> None:
+    assert demo_metrics(600) == demo_metrics(600)
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (make test installs it)")
+def test_golden_passes_promtool_check_metrics() -> None:
+    with open(GOLDEN, "rb") as f:
+        out = subprocess.run(["promtool", "check", "metrics"], input=f.read(), capture_output=True, timeout=60)
+    assert out.returncode == 0 and not out.stdout.strip() and not out.stderr.strip(), out.stdout + out.stderr
