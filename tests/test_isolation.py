@@ -20,7 +20,7 @@ class Boom:
     def __init__(self, name: str, exc: BaseException):
         self.name, self.exc, self.calls = name, exc, 0
 
-    def collect(self, now: float):  # noqa: ANN201
+    def collect(self, now: float):
         self.calls += 1
         raise self.exc
 
@@ -44,11 +44,11 @@ class Hang:
         self.release.set()
 
 
-def _sample(reg, name: str, **labels: str) -> float | None:  # noqa: ANN001
+def _sample(reg, name: str, **labels: str) -> float | None:
     return reg.get_sample_value(name, labels)
 
 
-def test_raising_collector_leaves_everything_else(tmp_path) -> None:  # noqa: ANN001
+def test_raising_collector_leaves_everything_else(tmp_path) -> None:
     rt = build_runtime(Config(), simulate="demo", realtime=False, start=START)
     try:
         rt.agent.sources["inference"].collector = Boom("inference", RuntimeError("parser exploded"))
@@ -68,17 +68,17 @@ def test_raising_collector_leaves_everything_else(tmp_path) -> None:  # noqa: AN
         rt.close()
 
 
-def _scrape(rt) -> str:  # noqa: ANN001
+def _scrape(rt) -> str:
     server = MetricsServer("127.0.0.1", 0, lambda: rt.agent.state, lambda: time.monotonic()).start()
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as r:  # noqa: S310
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as r:
             assert r.status == 200
             return r.read().decode()
     finally:
         server.stop()
 
 
-def test_nvml_missing_at_start_is_retried_with_backoff_and_recovers(tmp_path) -> None:  # noqa: ANN001
+def test_nvml_missing_at_start_is_retried_with_backoff_and_recovers(tmp_path) -> None:
     sc = tmp_path / "nodriver.yaml"
     sc.write_text("extends: demo\nfaults:\n  - {kind: nvml_init_failure, at: 0s, until: 5m}\n")
     rt = build_runtime(Config(), simulate=str(sc), realtime=False, start=START)
@@ -106,7 +106,7 @@ def test_hanging_collector_times_out_and_scrapes_stay_fast() -> None:
     ok = Boom("ok", RuntimeError("x"))
     calls = []
 
-    def evaluate(values, statuses, now):  # noqa: ANN001, ANN202
+    def evaluate(values, statuses, now):
         calls.append(now)
         from agent.model import AgentState, Attribution, NodeView
 

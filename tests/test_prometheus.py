@@ -25,11 +25,11 @@ def _free_port() -> int:
 
 
 def _get(url: str, timeout: float = 2.0) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - loopback only
+    with urllib.request.urlopen(url, timeout=timeout) as r:
         return r.read()
 
 
-def _wait(predicate, timeout: float, what: str):  # noqa: ANN001, ANN202
+def _wait(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -43,7 +43,7 @@ def _wait(predicate, timeout: float, what: str):  # noqa: ANN001, ANN202
     raise AssertionError(f"timed out waiting for {what}: {last!r}")
 
 
-def test_prometheus_scrapes_gpucap(tmp_path) -> None:  # noqa: ANN001
+def test_prometheus_scrapes_gpucap(tmp_path) -> None:
     agent_port, prom_port = _free_port(), _free_port()
     agent = subprocess.Popen(
         [sys.executable, "-m", "agent.cli", "run", "--simulate", "demo", "--speed", "60",
