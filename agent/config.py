@@ -193,6 +193,8 @@ def config_from_dict(data: Any, where: str) -> Config:
 
     hs = r.section("history")
     history = HistoryConfig(hs.str("path", ""), hs.duration("interval", 60.0), hs.duration("retention", 30 * 86400.0))
+    if history.path:
+        raise hs.error("path", "an empty path: the local history store is not implemented yet", history.path)
     hs.done()
     r.done()
     return Config(

@@ -52,3 +52,15 @@ def test_golden_passes_promtool_check_metrics() -> None:
     with open(GOLDEN, "rb") as f:
         out = subprocess.run(["promtool", "check", "metrics"], check=False, input=f.read(), capture_output=True, timeout=60)
     assert out.returncode == 0 and not out.stdout.strip() and not out.stderr.strip(), out.stdout + out.stderr
+
+
+def test_every_metric_is_documented() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with open(GOLDEN, encoding="utf-8") as f:
+        families = text_string_to_metric_families(f.read())
+    names = {fam.name + ("_total" if fam.type == "counter" else "") for fam in families}
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "metrics.md"), encoding="utf-8") as f:
+        doc = f.read()
+    missing = sorted(n for n in names if f"`{n}`" not in doc)
+    assert not missing, f"add these to docs/metrics.md: {missing}"
