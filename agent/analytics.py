@@ -110,28 +110,35 @@ class OutcomeTracker:
 
     def update(self, stats: Sequence, owners: Sequence[Owner], pod_cost: dict[str, float],
                pod_hourly: dict[str, float], pod_sm_active: dict[str, float | None], now: float) -> list[InferenceView]:
-        out = []
         keep = max(self.window, self.sat.window)
         live = set()
-        # requests per pod (to split a pod's cost between the models it serves)
+        rows = []
+        pod_succ: dict[str, float] = defaultdict(float)
+        pod_tok: dict[str, float] = defaultdict(float)
         for s, owner in zip(stats, owners):
             pod_key = owner.pod_uid or f"{owner.namespace}/{owner.pod}"
             key = (pod_key, s.server, s.model, s.url)
             live.add(key)
             pts = self._points.setdefault(key, deque())
-            succ = s.successful_requests_total or 0.0
-            toks = s.generated_tokens_total or 0.0
-            pts.append(_Point(now, pod_cost.get(pod_key, 0.0), succ, toks, s.queue_requests or 0.0))
+            pts.append(_Point(now, pod_cost.get(pod_key, 0.0), s.successful_requests_total or 0.0,
+                              s.generated_tokens_total or 0.0, s.queue_requests or 0.0))
             while len(pts) > 2 and pts[1].t <= now - keep:
                 pts.popleft()
-            first = _at_or_before(pts, now - self.window)
-            last = pts[-1]
+            first, last = _at_or_before(pts, now - self.window), pts[-1]
+            pod_succ[pod_key] += max(0.0, last.successes - first.successes)
+            pod_tok[pod_key] += max(0.0, last.tokens - first.tokens)
+            rows.append((s, owner, pod_key, pts, first, last))
+        out = []
+        for s, owner, pod_key, pts, first, last in rows:
+            # a pod serving several models: its cost is split by each model's share of the outcomes,
+            # so every model of the pod shows the pod's cost per outcome and nothing is counted twice
             d_cost = last.cost - first.cost
-            d_succ = last.successes - first.successes
-            d_tok = last.tokens - first.tokens
             span = last.t - first.t
-            per_1k = d_cost / d_succ * 1000.0 if d_succ > 0 and span > 0 else None
-            per_m = d_cost / d_tok * 1e6 if d_tok > 0 and span > 0 else None
+            succ, tok = pod_succ[pod_key], pod_tok[pod_key]
+            own_succ = last.successes - first.successes
+            own_tok = last.tokens - first.tokens
+            per_1k = d_cost / succ * 1000.0 if own_succ > 0 and span > 0 else None
+            per_m = d_cost / tok * 1e6 if own_tok > 0 and span > 0 else None
             sat_pts = [p for p in pts if p.t > now - self.sat.window] or [last]
             queued = sum(1 for p in sat_pts if p.queue > 0) / len(sat_pts)
             reasons = []

@@ -408,9 +408,21 @@ class NvmlCollector:
     def _processes(self, g: _Gpu, h: Any, *, full: bool) -> tuple[ProcessSample, ...]:
         procs = self._opt("nvmlDeviceGetComputeRunningProcesses", h) or []
         sm: dict[int, float] = {}
+        sampled = False  # NotFound = no process ran a kernel (0); NotSupported = unknown (absent)
         if full:
-            samples = self._opt("nvmlDeviceGetProcessUtilization", h, g.proc_ts)
-            for s in samples or ():
+            n = self.nvml
+            try:
+                samples = self._call("nvmlDeviceGetProcessUtilization", h, g.proc_ts)
+                sampled = True
+            except n.NVMLError as e:
+                if isinstance(e, n.NVMLError_GpuIsLost):
+                    raise
+                samples = []
+                sampled = isinstance(e, n.NVMLError_NotFound)
+                if not isinstance(e, (n.NVMLError_NotFound, n.NVMLError_NotSupported, n.NVMLError_FunctionNotFound,
+                                      n.NVMLError_NoPermission)):
+                    self._errors["nvmlDeviceGetProcessUtilization"] += 1
+            for s in samples:
                 sm[int(s.pid)] = max(sm.get(int(s.pid), 0.0), s.smUtil / 100.0)
                 g.proc_ts = max(g.proc_ts, int(s.timeStamp))
         out = []
@@ -424,7 +436,7 @@ class NvmlCollector:
             out.append(ProcessSample(pid, int(mem) if mem is not None else None,
                                      None if gi in (None, NO_INSTANCE) else int(gi),
                                      None if ci in (None, NO_INSTANCE) else int(ci),
-                                     sm.get(pid, 0.0 if full else None)))
+                                     sm.get(pid, 0.0 if sampled else None)))
         for pid, v in sm.items():
             if pid not in seen:
                 out.append(ProcessSample(pid, None, None, None, v))

@@ -118,6 +118,7 @@ class SimEnvironment:
                 self.inference_servers[p.uid] = srv
                 self.inference_ports[p.uid] = int(srv.url.rsplit(":", 1)[1].split("/")[0])
         self.metadata = SimulatedMetadata(self)
+        self._applied: dict[str, object] = {}
 
     # --- kubelet ----------------------------------------------------------------------------
     def _t(self) -> float:
@@ -161,12 +162,18 @@ class SimEnvironment:
 
     def sync(self, t: float) -> None:
         """Apply the scenario's source faults at scenario time t."""
-        if self.kubelet is not None:
-            self.kubelet.set_down(self.node.fault("source_down", t, source="kubelet") is not None)
+        # only changes are applied, so a test (or a person) may also set faults by hand
+        kubelet_down = self.node.fault("source_down", t, source="kubelet") is not None
+        if self.kubelet is not None and kubelet_down != self._applied.get("kubelet", False):
+            self.kubelet.set_down(kubelet_down)
+        self._applied["kubelet"] = kubelet_down
         down = self.node.fault("source_down", t, source="inference") is not None
         slow = self.node.fault("slow", t, source="inference") is not None
-        for srv in self.inference_servers.values():
-            srv.fault = "http_500" if down else "hang" if slow else "ok"
+        mode = "http_500" if down else "hang" if slow else "ok"
+        if mode != self._applied.get("inference", "ok"):
+            for srv in self.inference_servers.values():
+                srv.fault = mode
+        self._applied["inference"] = mode
 
     def close(self) -> None:
         if self.kubelet is not None:
