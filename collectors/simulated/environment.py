@@ -126,6 +126,7 @@ class SimEnvironment:
 
     def _list(self) -> list[tuple[str, str, str, str, tuple[str, ...]]]:
         t = self._t()
+        self._kubelet_fault(t)
         slow = self.node.fault("slow", t, source="kubelet")
         if slow is not None and self.clock.realtime:
             time.sleep(slow.delay)
@@ -140,7 +141,13 @@ class SimEnvironment:
         return [(ns, pod, c, res, tuple(ids)) for (ns, pod, c, res), ids in rows.items()
                 if res or not any(k[:3] == (ns, pod, c) and k[3] for k in rows)]
 
+    def _kubelet_fault(self, t: float) -> None:
+        """The scenario's kubelet outage, checked at each call (a gRPC error reaches the client)."""
+        if self.node.fault("source_down", t, source="kubelet") is not None:
+            raise ConnectionError("simulated kubelet outage (scenario fault source_down)")
+
     def _allocatable(self) -> list[tuple[str, tuple[str, ...]]]:
+        self._kubelet_fault(self._t())
         by_res: dict[str, list[str]] = {}
         for g in self.sc.gpus:
             if g.mig is not None:
@@ -163,10 +170,6 @@ class SimEnvironment:
     def sync(self, t: float) -> None:
         """Apply the scenario's source faults at scenario time t."""
         # only changes are applied, so a test (or a person) may also set faults by hand
-        kubelet_down = self.node.fault("source_down", t, source="kubelet") is not None
-        if self.kubelet is not None and kubelet_down != self._applied.get("kubelet", False):
-            self.kubelet.set_down(kubelet_down)
-        self._applied["kubelet"] = kubelet_down
         down = self.node.fault("source_down", t, source="inference") is not None
         slow = self.node.fault("slow", t, source="inference") is not None
         mode = "http_500" if down else "hang" if slow else "ok"

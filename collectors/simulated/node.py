@@ -186,7 +186,13 @@ class SimNode:
         return min(1.0, load_at(a.container.load, t, self.sc.seed, f"{a.pod.uid}/{a.container.name}"))
 
     def holders(self, gpu: int, mig_index: int | None, t: float) -> list[SimAllocation]:
-        return [a for a in self.live_allocations(t) if a.gpu == gpu and a.mig_index == mig_index]
+        """One entry per container on the device: a container holding several shares of one GPU
+        runs one process there, not one per share."""
+        seen: dict[tuple[str, str], SimAllocation] = {}
+        for a in self.live_allocations(t):
+            if a.gpu == gpu and a.mig_index == mig_index:
+                seen.setdefault((a.pod.uid, a.container.name), a)
+        return list(seen.values())
 
     def device_util(self, gpu: int, mig_index: int | None, t: float) -> float:
         """NVML-style utilization: time a kernel ran. Shares add up (time-slicing), capped at 1."""
