@@ -20,11 +20,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import psutil  # noqa: E402
+import psutil
 
-from agent.config import Config  # noqa: E402
-from agent.exposition import render  # noqa: E402
-from agent.sources import build_runtime  # noqa: E402
+from agent.config import Config
+from agent.exposition import render
+from agent.sources import build_runtime
 
 START = 1767225600.0
 SCENARIOS = {

@@ -90,23 +90,6 @@ def canonical_model(name: str) -> str:
     return raw
 
 
-def capacity_type_from_labels(labels: Mapping[str, str], default: str = "on-demand") -> str:
-    """Normalise the providers' capacity labels to spot | reserved | on-demand (what pricing keys on).
-    No label means the node is priced as on-demand, the catalog's basis."""
-    karpenter = labels.get("karpenter.sh/capacity-type", "").strip().lower()
-    if karpenter:
-        return karpenter
-    eks = labels.get("eks.amazonaws.com/capacityType", "").strip().lower()
-    if eks:
-        return eks.replace("_", "-")
-    if "true" in (labels.get("cloud.google.com/gke-spot", "").lower(),
-                  labels.get("cloud.google.com/gke-preemptible", "").lower()):
-        return "spot"
-    if labels.get("kubernetes.azure.com/scalesetpriority", "").lower() == "spot":
-        return "spot"
-    return default
-
-
 # --------------------------------------------------------------------------- validation helpers
 def _price(value: object, where: str, path: str) -> float:
     if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)

@@ -43,8 +43,8 @@ def sim_nvml() -> Callable[..., SimNvml]:
 
 
 @pytest.fixture
-def write_scenario(tmp_path: Path) -> Callable[[str, str], Path]:
-    """`write_scenario("name", yaml_text)` → the path of a scenario file in this test's tmp_path."""
+def scenario_file(tmp_path: Path) -> Callable[[str, str], Path]:
+    """`scenario_file("name", yaml_text)` → the path of a scenario file in this test's tmp_path."""
 
     def write(name: str, text: str) -> Path:
         path = tmp_path / f"{name}.yaml"

@@ -22,7 +22,7 @@ def stats(succ: float, tokens: float, queue: float = 0.0, kv: float = 0.2, model
                        succ, 0.0, None)
 
 
-def run_minutes(tracker: OutcomeTracker, minutes: int, make, hourly: float = 6.88):  # noqa: ANN001, ANN201
+def run_minutes(tracker: OutcomeTracker, minutes: int, make, hourly: float = 6.88):
     views = []
     for m in range(minutes + 1):
         now = START + 60 * m
@@ -72,7 +72,7 @@ def test_two_models_in_one_pod_split_its_cost() -> None:
         (lambda m: [stats(m, m, queue=0, kv=0.5)], False, ""),
     ],
 )
-def test_saturation_on_and_off(make, saturated: bool, reason: str) -> None:  # noqa: ANN001
+def test_saturation_on_and_off(make, saturated: bool, reason: str) -> None:
     t = OutcomeTracker(window=15 * 60, sat=SaturationConfig())
     (v,) = run_minutes(t, 10, make)
     assert v.saturated is saturated

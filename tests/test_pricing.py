@@ -19,7 +19,6 @@ from collectors.pricing import (
     PricingConfigError,
     bundled_catalog,
     canonical_model,
-    capacity_type_from_labels,
     mig_memory_slices,
     mig_profile_slices,
     parse_catalog,
@@ -160,16 +159,6 @@ def test_configured_ratios_apply_to_every_rule_but_the_annotation() -> None:
     assert price(b, model="NVIDIA A10", capacity="reserved").hourly_dollars == 1.0
     p = price(b, "p5.48xlarge", H100_NVML, capacity="spot", annotations={PRICE_ANNOTATION: "2.5"})
     assert (p.hourly_dollars, p.source) == (2.5, "node_annotation")  # explicit node price: taken as is
-
-
-def test_capacity_type_from_provider_labels() -> None:
-    assert capacity_type_from_labels({"karpenter.sh/capacity-type": "reserved"}) == "reserved"
-    assert capacity_type_from_labels({"eks.amazonaws.com/capacityType": "ON_DEMAND"}) == "on-demand"
-    assert capacity_type_from_labels({"eks.amazonaws.com/capacityType": "SPOT"}) == "spot"
-    assert capacity_type_from_labels({"cloud.google.com/gke-spot": "true"}) == "spot"
-    assert capacity_type_from_labels({"cloud.google.com/gke-preemptible": "true"}) == "spot"
-    assert capacity_type_from_labels({"kubernetes.azure.com/scalesetpriority": "spot"}) == "spot"
-    assert capacity_type_from_labels({}) == "on-demand"
 
 
 # --------------------------------------------------------------------------- bad annotations, unknowns

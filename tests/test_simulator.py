@@ -91,11 +91,11 @@ def test_empty_mig_slots_raise_not_found_and_are_skipped(sim_nvml: Sim) -> None:
 # --- GPM ----------------------------------------------------------------------------------------
 
 def test_gpm_is_supported_on_h100_only_and_a100_falls_back_to_utilization(sim_nvml: Sim,
-                                                                          write_scenario: Write) -> None:
+                                                                          scenario_file: Write) -> None:
     h100 = started(sim_nvml, "demo").nvml
     assert h100.nvmlGpmQueryDeviceSupport(h100.nvmlDeviceGetHandleByIndex(0)).isSupportedDevice == 1
 
-    a100_path = write_scenario("a100", A100)
+    a100_path = scenario_file("a100", A100)
     s = started(sim_nvml, a100_path)
     n = s.nvml
     h = n.nvmlDeviceGetHandleByIndex(0)
@@ -185,8 +185,8 @@ faults:
 """
 
 
-def test_xid_events_arrive_through_event_set_wait(sim_nvml: Sim, write_scenario: Write) -> None:
-    s = started(sim_nvml, write_scenario("xids", XIDS))
+def test_xid_events_arrive_through_event_set_wait(sim_nvml: Sim, scenario_file: Write) -> None:
+    s = started(sim_nvml, scenario_file("xids", XIDS))
     n = s.nvml
     handles = [n.nvmlDeviceGetHandleByIndex(i) for i in range(8)]
     es = n.nvmlEventSetCreate()
@@ -213,7 +213,7 @@ def test_xid_events_arrive_through_event_set_wait(sim_nvml: Sim, write_scenario:
         n.nvmlEventSetWait(es, 0)
     n.nvmlEventSetFree(es)
 
-    readings = collect(sim_nvml(write_scenario("xids", XIDS)), 60, 400, 900)
+    readings = collect(sim_nvml(scenario_file("xids", XIDS)), 60, 400, 900)
     assert [by_gpu(r)[2].xid_errors for r in readings] == [(), ((48, 1),), ((13, 1), (48, 1))]
     assert by_gpu(readings[-1])[0].xid_errors == ((13, 1),)
 
@@ -229,8 +229,8 @@ faults:
 
 
 def test_init_failure_is_library_not_found_and_the_collector_says_no_driver(sim_nvml: Sim,
-                                                                          write_scenario: Write) -> None:
-    s = sim_nvml(write_scenario("no-driver", NO_DRIVER))
+                                                                          scenario_file: Write) -> None:
+    s = sim_nvml(scenario_file("no-driver", NO_DRIVER))
     n = s.nvml
     with pytest.raises(pynvml.NVMLError_LibraryNotFound):
         n.nvmlInit()
@@ -270,10 +270,10 @@ FIELD_ATTRS = {
 
 @pytest.mark.parametrize("field", sorted(FIELD_ATTRS))
 def test_a_not_supported_field_is_absent_and_nothing_else_is_lost(field: str, sim_nvml: Sim,
-                                                                  write_scenario: Write) -> None:
+                                                                  scenario_file: Write) -> None:
     times = (1800, 1810)
     base = collect(sim_nvml("demo"), *times)[-1]
-    faulted = collect(sim_nvml(write_scenario(f"ns-{field}", NOT_SUPPORTED.format(field=field))), *times)[-1]
+    faulted = collect(sim_nvml(scenario_file(f"ns-{field}", NOT_SUPPORTED.format(field=field))), *times)[-1]
     assert faulted.field_errors == ()
     blank = dict.fromkeys(FIELD_ATTRS[field])
     for gpu, d in by_gpu(faulted).items():
@@ -290,17 +290,17 @@ def test_a_not_supported_field_is_absent_and_nothing_else_is_lost(field: str, si
         assert by_gpu(faulted)[3].activity == by_gpu(faulted)[3].utilization is not None
 
 
-def test_unsupported_process_utilization_leaves_process_sm_absent(sim_nvml: Sim, write_scenario: Write) -> None:
+def test_unsupported_process_utilization_leaves_process_sm_absent(sim_nvml: Sim, scenario_file: Write) -> None:
     """Not 0.0: a time-sliced share whose processes read 0% would be billed as idle reserved."""
-    path = write_scenario("ns-pu", NOT_SUPPORTED.format(field="process_utilization"))
+    path = scenario_file("ns-pu", NOT_SUPPORTED.format(field="process_utilization"))
     d = by_gpu(collect(sim_nvml(path), 1800)[0])[3]
     assert d.processes, "the vLLM process is still listed"
     assert all(p.sm_util is None for p in d.processes), d.processes
 
 
-def test_memory_v2_unsupported_falls_back_to_v1(sim_nvml: Sim, write_scenario: Write) -> None:
+def test_memory_v2_unsupported_falls_back_to_v1(sim_nvml: Sim, scenario_file: Write) -> None:
     base = by_gpu(collect(sim_nvml("demo"), 1800)[0])
-    s = sim_nvml(write_scenario("ns-mem", NOT_SUPPORTED.format(field="memory_v2")))
+    s = sim_nvml(scenario_file("ns-mem", NOT_SUPPORTED.format(field="memory_v2")))
     s.nvml.nvmlInit()
     with pytest.raises(pynvml.NVMLError_FunctionNotFound):
         s.nvml.nvmlDeviceGetMemoryInfo(s.nvml.nvmlDeviceGetHandleByIndex(3), version=pynvml.nvmlMemory_v2)
@@ -339,8 +339,8 @@ def test_same_scenario_seed_and_times_give_identical_readings(scenario: str, sim
     assert a == b
 
 
-def test_another_seed_gives_another_node(sim_nvml: Sim, write_scenario: Write) -> None:
-    other = write_scenario("seed8", "name: seed8\nextends: demo\nseed: 8\n")
+def test_another_seed_gives_another_node(sim_nvml: Sim, scenario_file: Write) -> None:
+    other = scenario_file("seed8", "name: seed8\nextends: demo\nseed: 8\n")
     a, b = (collect(sim_nvml(x), 600)[0] for x in ("demo", other))
     assert {d.uuid for d in a.devices}.isdisjoint({d.uuid for d in b.devices})
 
@@ -375,10 +375,10 @@ EXPECTED = {
 }
 
 
-def test_load_patterns_shape_utilization_over_simulated_time(sim_nvml: Sim, write_scenario: Write,
+def test_load_patterns_shape_utilization_over_simulated_time(sim_nvml: Sim, scenario_file: Write,
                                                              tmp_path: Path) -> None:
     (tmp_path / "trace.csv").write_text(TRACE_CSV)
-    s = started(sim_nvml, write_scenario("patterns", PATTERNS.format(trace="trace.csv")))
+    s = started(sim_nvml, scenario_file("patterns", PATTERNS.format(trace="trace.csv")))
     n = s.nvml
     handles = [n.nvmlDeviceGetHandleByIndex(i) for i in range(6)]
     points = sorted((t, gpu, pct) for gpu, pts in EXPECTED.items() for t, pct in pts)
@@ -389,9 +389,9 @@ def test_load_patterns_shape_utilization_over_simulated_time(sim_nvml: Sim, writ
     assert got == points
 
 
-def test_diurnal_load_peaks_at_peak_at(sim_nvml: Sim, write_scenario: Write, tmp_path: Path) -> None:
+def test_diurnal_load_peaks_at_peak_at(sim_nvml: Sim, scenario_file: Write, tmp_path: Path) -> None:
     (tmp_path / "trace.csv").write_text(TRACE_CSV)
-    s = started(sim_nvml, write_scenario("patterns", PATTERNS.format(trace="trace.csv")))
+    s = started(sim_nvml, scenario_file("patterns", PATTERNS.format(trace="trace.csv")))
     h = s.nvml.nvmlDeviceGetHandleByIndex(2)
     by_hour = []
     for hour in range(24):
