@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -222,23 +221,3 @@ def parse_listen(listen: str) -> tuple[str, int] | None:
 def _check_listen(r: Reader, listen: str) -> None:
     if parse_listen(listen) is None:
         raise r.error("listen", "HOST:PORT or :PORT (e.g. :9470)", listen)
-
-
-def describe_defaults() -> Mapping[str, Any]:
-    """The defaults as a YAML-able mapping (docs and `gpucap check-config --defaults`)."""
-    c = Config()
-    return {
-        "listen": c.listen, "log": {"format": c.log_format, "level": c.log_level},
-        "nvml": {"interval": "10s", "timeout": "5s"},
-        "kubelet": {"socket": DEFAULT_SOCKET, "interval": "10s", "timeout": "5s"},
-        "kubernetes": {"enabled": True, "kubeconfig": "", "resync": "60s", "interval": "15s",
-                       "team_label_keys": list(c.kubernetes.team_label_keys), "pod_label_allowlist": []},
-        "processes": {"enabled": True, "procfs": "/proc"},
-        "inference": {"discover": True, "interval": "15s", "timeout": "2s", "max_bytes": 10 * 2**20, "targets": []},
-        "idle": {"threshold": 0.05, "window": "30m"},
-        "saturation": {"window": "5m", "queue_fraction": 0.5, "kv_cache_threshold": 0.95, "sm_active_threshold": 0.95},
-        "outcome": {"window": "15m"},
-        "pricing": {"default_gpu_hourly": 0.95, "gpu_hourly_by_instance_type": {}, "gpu_hourly_by_model": {},
-                    "spot_ratio": 0.35, "reserved_ratio": 0.6, "mig_cost_basis": "compute"},
-        "history": {"path": "", "interval": "60s", "retention": "30d"},
-    }

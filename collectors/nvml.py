@@ -113,6 +113,7 @@ class _Gpu:
     gpm: bool = False
     mig_enabled: bool = False
     proc_ts: int = 0
+    failing: bool = False  # logged once per failure streak, not every cycle
     xids: Counter = field(default_factory=Counter)
     gpm_prev: dict[Any, Any] = field(default_factory=dict)  # (gi or None) -> sample
 
@@ -207,7 +208,9 @@ class NvmlCollector:
                         raise
         except n.NVMLError as e:
             g.handle = None
-            log.warning("nvml: GPU %d not usable: %s", g.index, e)
+            if not g.failing:
+                g.failing = True
+                log.warning("nvml: GPU %d not usable: %s", g.index, e)
 
     def close(self) -> None:
         if self._ready:
@@ -235,11 +238,16 @@ class NvmlCollector:
                 continue
             try:
                 devices.extend(self._sample_gpu(g))
+                if g.failing:
+                    g.failing = False
+                    log.info("nvml: GPU %d (%s) answers again", g.index, g.uuid)
             except self.nvml.NVMLError as e:
                 lost = isinstance(e, self.nvml.NVMLError_GpuIsLost)
                 if not lost:
                     self._errors["device"] += 1
-                log.warning("nvml: GPU %d (%s) %s: %s", g.index, g.uuid, "is lost" if lost else "failed", e)
+                if not g.failing:
+                    g.failing = True
+                    log.warning("nvml: GPU %d (%s) %s: %s", g.index, g.uuid, "is lost" if lost else "failed", e)
                 devices.append(DeviceSample(gpu=g.index, uuid=g.uuid, model=g.model, pci_bus_id=g.pci, up=False,
                                             error="gpu_is_lost" if lost else "error",
                                             xid_errors=tuple(sorted(g.xids.items()))))

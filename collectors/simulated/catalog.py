@@ -38,6 +38,7 @@ class GpuModel:
     nvlinks: int
     pcie_gen: int
     mig_profiles: tuple[MigProfile, ...] = ()
+    compute_capability: tuple[int, int] = (9, 0)
 
     @property
     def memory_bytes(self) -> int:
@@ -107,12 +108,12 @@ MODELS: dict[str, GpuModel] = {
         GpuModel("H200-141GB", "NVIDIA H200", 143771, 601, 132, 700.0, 75.0, 1980, 345,
                  "hopper", True, 18, 5, _H200_MIG),
         GpuModel("A100-SXM-40GB", "NVIDIA A100-SXM4-40GB", 40960, 477, 108, 400.0, 55.0, 1410, 210,
-                 "ampere", False, 12, 4, _A100_40_MIG),
+                 "ampere", False, 12, 4, _A100_40_MIG, (8, 0)),
         GpuModel("A100-SXM-80GB", "NVIDIA A100-SXM4-80GB", 81920, 511, 108, 400.0, 60.0, 1410, 210,
-                 "ampere", False, 12, 4, _A100_80_MIG),
-        GpuModel("L4", "NVIDIA L4", 23034, 353, 58, 72.0, 16.0, 2040, 210, "ada", False, 0, 4),
-        GpuModel("L40S", "NVIDIA L40S", 46068, 455, 142, 350.0, 35.0, 2520, 210, "ada", False, 0, 4),
-        GpuModel("A10G", "NVIDIA A10G", 23028, 353, 80, 300.0, 25.0, 1710, 210, "ampere", False, 0, 4),
+                 "ampere", False, 12, 4, _A100_80_MIG, (8, 0)),
+        GpuModel("L4", "NVIDIA L4", 23034, 353, 58, 72.0, 16.0, 2040, 210, "ada", False, 0, 4, (), (8, 9)),
+        GpuModel("L40S", "NVIDIA L40S", 46068, 455, 142, 350.0, 35.0, 2520, 210, "ada", False, 0, 4, (), (8, 9)),
+        GpuModel("A10G", "NVIDIA A10G", 23028, 353, 80, 300.0, 25.0, 1710, 210, "ampere", False, 0, 4, (), (8, 6)),
     )
 }
 

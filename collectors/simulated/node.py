@@ -108,7 +108,9 @@ def load_at(spec: LoadSpec, t: float, seed: int, key: str) -> float:
         v = spec.start_level + (spec.end_level - spec.start_level) * frac
     else:  # trace: step function, repeating after the last point
         pts = spec.trace
-        span = pts[-1][0] if pts[-1][0] > 0 else 1.0
+        # the last row lasts as long as the step before it, then the trace repeats
+        step = pts[-1][0] - pts[-2][0] if len(pts) > 1 else 60.0
+        span = pts[-1][0] + (step if step > 0 else 60.0)
         tt = t % span if t >= span else t
         v = pts[0][1]
         for ts, val in pts:

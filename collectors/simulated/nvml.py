@@ -146,6 +146,16 @@ class SimulatedNVML:
         _, g, _ = self._dev(h)
         return g
 
+    def nvmlDeviceGetArchitecture(self, h: _Handle) -> int:
+        self._dev(h)
+        arch = self._node.sc.model.architecture
+        return {"ampere": pynvml.NVML_DEVICE_ARCH_AMPERE, "ada": pynvml.NVML_DEVICE_ARCH_ADA,
+                "hopper": pynvml.NVML_DEVICE_ARCH_HOPPER}.get(arch, pynvml.NVML_DEVICE_ARCH_UNKNOWN)
+
+    def nvmlDeviceGetCudaComputeCapability(self, h: _Handle) -> tuple[int, int]:
+        self._dev(h)
+        return self._node.sc.model.compute_capability
+
     def nvmlDeviceGetPciInfo(self, h: _Handle) -> Any:
         _, g, _ = self._dev(h)
         bus = f"00000000:{0x18 + g * 0x10:02X}:00.0"
