@@ -1,8 +1,10 @@
-# gpucap developer commands. `make test` is the one CI runs (.ci/run): it installs what the
-# tests need on a fresh Debian/Ubuntu machine (Python deps, and Debian's `prometheus` package for
-# promtool and a real Prometheus server when missing), then runs the whole suite.
+# gpucap developer commands. `make test` is the one CI runs (.ci/run): on a fresh Debian/Ubuntu
+# machine it installs what the tests need (Debian's `prometheus` package for promtool and a real
+# Prometheus server, pip if missing, the Python test dependencies), then runs the whole suite.
 PYTHON ?= python3
-PIP ?= $(PYTHON) -m pip
+# a system Python marked "externally managed" (PEP 668) refuses pip installs outside a venv
+PIP_FLAGS := $(shell $(PYTHON) -c "import os, sys, sysconfig; print('--break-system-packages' if sys.prefix == sys.base_prefix and os.path.exists(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')) else '')" 2>/dev/null)
+APT = $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 
 .PHONY: test deps lint bench golden
 
@@ -10,12 +12,15 @@ test: deps
 	$(PYTHON) -m pytest -q
 
 deps:
-	$(PIP) install -q -e '.[test]'
-	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || { \
-	  echo "installing Debian's prometheus package (promtool + server)"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q prometheus; \
-	  $$SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true; }
+	@missing=""; \
+	command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || missing="prometheus"; \
+	$(PYTHON) -m pip --version >/dev/null 2>&1 || missing="$$missing python3-pip"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(APT) update -q && $(APT) install -y -q --no-install-recommends $$missing; \
+	  $(if $(filter 0,$(shell id -u)),,sudo) systemctl disable --now prometheus >/dev/null 2>&1 || true; \
+	fi
+	$(PYTHON) -m pip install -q $(PIP_FLAGS) -e '.[test]'
 
 lint:
 	$(PYTHON) -m ruff check agent collectors tests bench scripts

@@ -149,7 +149,7 @@ def attribute(
                     attributed_mem += use[1]
             rows.append(UnitRow(kind="share", gpu_instance="", mig_profile="", uuid=f"{d.uuid}::{r}",
                                 device_uuid=d.uuid, allocations=allocs, activity=act, memory_used_bytes=mem,
-                                memory_total_bytes=(d.memory_total_bytes // n) if d.memory_total_bytes else None,
+                                memory_total_bytes=d.memory_total_bytes,  # time-slicing does not partition memory
                                 hourly_price=unit_price(price, KIND_SHARE, replicas=n), replica=r, replicas=n,
                                 processes=len(d.processes), **base))
         if d.up:

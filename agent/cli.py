@@ -194,7 +194,7 @@ def scenarios() -> None:
 
     for name in builtin_names():
         sc = load_scenario(name)
-        click.echo(f"{name:12s} {len(sc.gpus)}x {sc.model.key:14s} {sc.description}")
+        click.echo(f"{name:15s} {len(sc.gpus):2d}x {sc.model.key:14s} {sc.description}")
 
 
 @main.command("check-config")
@@ -202,7 +202,7 @@ def scenarios() -> None:
 def check_config(path: str) -> None:
     """Validate a config file: exit 0 if good, 2 with the file, key and expectation if not."""
     cfg = _config(path)
-    click.echo(f"{path}: ok (node {cfg.node_name or '$NODE_NAME'}, listen {cfg.listen}, "
+    click.echo(f"{path}: ok (node {cfg.node_name or '$NODE_NAME, else the hostname'}, listen {cfg.listen}, "
                f"idle threshold {cfg.idle.threshold:g} for {cfg.idle.window:g}s)")
 
 

@@ -158,8 +158,14 @@ def to_table(st: AgentState) -> str:
         sm = "-" if d is None or d.sm_active is None else _pct(d.sm_active)
         util = "-" if d is None or d.utilization is None else _pct(d.utilization)
         p = power.get(r.device_uuid if r.kind != "mig" else (d.parent_uuid if d else ""))
-        state = v.state.replace("_", " ") + (f" {_dur(v.idle_seconds)}" if v.idle_seconds and
-                                              v.state != "unallocated" else "")
+        if not r.up:
+            state = "GPU LOST"
+        elif v.state == "idle_reserved":
+            state = f"idle reserved {_dur(v.idle_seconds)}"
+        elif v.state == "active" and _dur(v.idle_seconds):
+            state = f"active (idle {_dur(v.idle_seconds)})"
+        else:
+            state = v.state
         rows.append([
             unit, (r.mig_profile or _short(r.model)), act, util, sm,
             f"{_gib(r.memory_used_bytes)}/{_gib(r.memory_total_bytes)}",
@@ -169,6 +175,7 @@ def to_table(st: AgentState) -> str:
         ])
     out.append(_table(["GPU", "MODEL", "ACTIVITY", "UTIL", "SM", "MEM GiB", "POWER", "HELD BY", "WORKLOAD",
                        "TEAM", "STATE", "$/H", "PRICE SOURCE"], rows))
+    out.append(LEGEND)
     if st.inference:
         out += ["", "serving:"]
         irows = []
@@ -186,16 +193,27 @@ def to_table(st: AgentState) -> str:
     out += [
         "",
         (f"node ${s['node_hourly_dollars']:.2f}/h: allocated ${s['allocated_hourly_dollars']:.2f}/h, "
-        f"unallocated ${s['unallocated_hourly_dollars']:.2f}/h ({s['unallocated_units']} units)"),
-        (f"idle reserved: {s['idle_reserved_units']} units, ${s['idle_reserved_hourly_dollars']:.2f}/h, "
+        f"unallocated ${s['unallocated_hourly_dollars']:.2f}/h ({_n(s['unallocated_units'], 'unit')})"),
+        (f"idle reserved: {_n(s['idle_reserved_units'], 'unit')}, ${s['idle_reserved_hourly_dollars']:.2f}/h, "
         f"${s['idle_reserved_monthly_dollars']:,.2f}/month"),
     ]
     for team, v in s["idle_reserved_hourly_dollars_by_team"].items():
-        out.append(f"  team {team}: ${v:.2f}/h idle reserved (${v * HOURS_PER_MONTH:,.0f}/month)")
+        out.append(f"  team {team}: ${v:.2f}/h idle reserved (${v * HOURS_PER_MONTH:,.2f}/month)")
     failing = [c for c in st.collectors if not c.success]
     for c in failing:
         out.append(f"collector {c.name} failing: {c.last_error}")
     return "\n".join(out) + "\n"
+
+
+LEGEND = (
+    "ACTIVITY: what idle detection uses (SM active where the GPU has GPM, else utilization; a time-sliced\n"
+    "share: its pod's processes). UTIL: NVML utilization of the whole device. SM: GPM SM active.\n"
+    "idle reserved: held by a pod with ACTIVITY at or below the threshold for the whole idle window."
+)
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
 
 
 def _short(model: str) -> str:

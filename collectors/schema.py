@@ -27,7 +27,7 @@ class InputError(Exception):
 
     def __init__(self, where: str, path: str, expected: str, got: Any = _MISSING):
         self.where, self.path, self.expected = where, path, expected
-        msg = f"{where}: {path or '(top level)'}: expected {expected}"
+        msg = f"{where}: {path}: expected {expected}" if path else f"{where}: expected {expected}"
         if got is not _MISSING:
             msg += f", got {got!r}"
         super().__init__(msg)

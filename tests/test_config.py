@@ -168,3 +168,15 @@ def test_node_name_comes_from_the_downward_api_when_unset(monkeypatch: pytest.Mo
     monkeypatch.setenv("NODE_NAME", "ip-10-0-1-7.ec2.internal")
     assert Config().resolved_node_name() == "ip-10-0-1-7.ec2.internal"
     assert Config(node_name="explicit").resolved_node_name() == "explicit"
+
+
+def test_the_example_config_in_the_docs_is_valid() -> None:
+    from click.testing import CliRunner
+
+    from agent.cli import main
+
+    path = str(Path(__file__).resolve().parents[1] / "docs" / "examples" / "config.yaml")
+    res = CliRunner().invoke(main, ["check-config", path])
+    assert res.exit_code == 0, res.output
+    c = load_config(path)
+    assert c.idle.window == 1200 and c.kubernetes.pod_label_allowlist == ("app",)
