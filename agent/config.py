@@ -15,6 +15,7 @@ from collectors.pricing import PricingConfig, PricingConfigError, pricing_config
 from collectors.schema import InputError, Reader, load_yaml_file
 
 DEFAULT_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
+MAX_EXTRA_POD_LABELS = 10  # gpucap_pod_info: 6 own labels + these + job/instance stay under 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +145,9 @@ def config_from_dict(data: Any, where: str) -> Config:
         team_label_keys=_str_list(k8, "team_label_keys", ["team", "app.kubernetes.io/part-of"]),
         pod_label_allowlist=_str_list(k8, "pod_label_allowlist", []),
     )
+    if len(kube.pod_label_allowlist) > MAX_EXTRA_POD_LABELS:
+        raise k8.error("pod_label_allowlist", f"at most {MAX_EXTRA_POD_LABELS} labels (gpucap_pod_info has 6 "
+                       "labels of its own and every series stays under 20)", list(kube.pod_label_allowlist))
     k8.done()
 
     pr = r.section("processes")

@@ -64,3 +64,21 @@ def test_every_metric_is_documented() -> None:
         doc = f.read()
     missing = sorted(n for n in names if f"`{n}`" not in doc)
     assert not missing, f"add these to docs/metrics.md: {missing}"
+
+
+def test_every_series_stays_under_20_labels_even_after_prometheus_adds_job_and_instance() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with open(GOLDEN, encoding="utf-8") as f:
+        worst = max(len(s.labels) for fam in text_string_to_metric_families(f.read()) for s in fam.samples)
+    assert worst + 2 < 20
+
+
+def test_pod_label_allowlist_is_capped(tmp_path) -> None:  # noqa: ANN001
+    from agent.config import MAX_EXTRA_POD_LABELS, config_from_dict
+    from collectors.schema import InputError
+
+    ok = {"kubernetes": {"pod_label_allowlist": [f"l{i}" for i in range(MAX_EXTRA_POD_LABELS)]}}
+    assert len(config_from_dict(ok, "c.yaml").kubernetes.pod_label_allowlist) == MAX_EXTRA_POD_LABELS
+    with pytest.raises(InputError, match="kubernetes.pod_label_allowlist: expected at most"):
+        config_from_dict({"kubernetes": {"pod_label_allowlist": [f"l{i}" for i in range(11)]}}, "c.yaml")
