@@ -151,6 +151,7 @@ class SimNode:
                     max_running=inf.max_running, seed=sc.seed + zlib.crc32(p.uid.encode()) % 1000,
                 )
         self._traffic_t = 0.0
+        self._holders_at: tuple[float, dict[tuple[int, int | None], list[SimAllocation]]] | None = None
 
     # --- time-dependent state -------------------------------------------------------------
     def advance(self, t: float) -> None:
@@ -189,12 +190,14 @@ class SimNode:
 
     def holders(self, gpu: int, mig_index: int | None, t: float) -> list[SimAllocation]:
         """One entry per container on the device: a container holding several shares of one GPU
-        runs one process there, not one per share."""
-        seen: dict[tuple[str, str], SimAllocation] = {}
-        for a in self.live_allocations(t):
-            if a.gpu == gpu and a.mig_index == mig_index:
-                seen.setdefault((a.pod.uid, a.container.name), a)
-        return list(seen.values())
+        runs one process there, not one per share. Indexed once per time t (it is asked often)."""
+        cached = self._holders_at
+        if cached is None or cached[0] != t:
+            index: dict[tuple[int, int | None], dict[tuple[str, str], SimAllocation]] = {}
+            for a in self.live_allocations(t):
+                index.setdefault((a.gpu, a.mig_index), {}).setdefault((a.pod.uid, a.container.name), a)
+            cached = self._holders_at = (t, {k: list(v.values()) for k, v in index.items()})
+        return cached[1].get((gpu, mig_index), [])
 
     def device_util(self, gpu: int, mig_index: int | None, t: float) -> float:
         """NVML-style utilization: time a kernel ran. Shares add up (time-slicing), capped at 1."""
