@@ -74,7 +74,7 @@ def test_every_series_stays_under_20_labels_even_after_prometheus_adds_job_and_i
     assert worst + 2 < 20
 
 
-def test_pod_label_allowlist_is_capped(tmp_path) -> None:  # noqa: ANN001
+def test_pod_label_allowlist_is_capped(tmp_path) -> None:
     from agent.config import MAX_EXTRA_POD_LABELS, config_from_dict
     from collectors.schema import InputError
 
