@@ -100,3 +100,15 @@ def total(text: str | dict[str, list[Sample]], name: str, **labels: str) -> floa
 def http_get(url: str, timeout: float = 10.0) -> tuple[int, str]:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return r.status, r.read().decode()
+
+
+def has_nvidia_driver() -> bool:
+    """True where real NVML initialises (a GPU node); the no-driver tests skip there."""
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return False
+    pynvml.nvmlShutdown()
+    return True

@@ -19,12 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pynvml
 import pytest
 from click.testing import CliRunner, Result
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.cli import main
+from tests.helpers import has_nvidia_driver
 
 PROMTOOL = shutil.which("promtool")
 # No GPUCAP_* setting from the developer's shell may leak into a test.
@@ -217,13 +217,6 @@ def test_at_needs_simulate_and_a_duration() -> None:
 
 # --- the installed entry point, on this machine's real NVML -------------------------------------
 
-def _has_driver() -> bool:
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return False
-    pynvml.nvmlShutdown()
-    return True
 
 
 def _entry_point() -> str:
@@ -233,7 +226,7 @@ def _entry_point() -> str:
     return found
 
 
-@pytest.mark.skipif(_has_driver(), reason="this machine has an NVIDIA driver")
+@pytest.mark.skipif(has_nvidia_driver(), reason="this machine has an NVIDIA driver")
 def test_installed_gpucap_without_a_driver_exits_1_and_suggests_the_simulator(tmp_path: Path) -> None:
     env: dict[str, Any] = {k: v for k, v in os.environ.items() if not k.startswith("GPUCAP_")}
     env["KUBECONFIG"] = str(tmp_path / "no-kubeconfig")  # nothing to reach: this is about NVML

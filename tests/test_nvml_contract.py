@@ -26,6 +26,7 @@ from collectors.simulated.node import SimNode
 from collectors.simulated.nvml import SimulatedNVML
 from collectors.simulated.scenario import load_scenario
 from tests.conftest import SIM_START
+from tests.helpers import has_nvidia_driver
 
 CYCLES = 3
 RATIO_FIELDS = ("utilization", "memory_utilization", "sm_active", "sm_occupancy", "tensor_active", "dram_active")
@@ -68,13 +69,6 @@ def _simulated(name: str) -> Iterator[Run]:
     collector.close()
 
 
-def _driver_answers() -> bool:
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return False
-    pynvml.nvmlShutdown()
-    return True
 
 
 def _real() -> Iterator[Run]:
@@ -285,7 +279,7 @@ def test_gpu_check_reports_every_device_call_and_cycle(tmp_path: Path) -> None:
         assert text in result.stdout
 
 
-@pytest.mark.skipif(_driver_answers(), reason="this machine has an NVIDIA driver")
+@pytest.mark.skipif(has_nvidia_driver(), reason="this machine has an NVIDIA driver")
 def test_gpu_check_without_a_driver_exits_1(tmp_path: Path) -> None:
     result = gpu_check(cwd=tmp_path)
     assert result.returncode == 1
