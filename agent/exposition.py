@@ -92,8 +92,9 @@ class StateCollector:
         stale = _g("kubernetes_metadata_stale", "1 while pod metadata is the last known (API server unreachable)",
                    ["node"])
         stale.add_metric([node], 1.0 if st.node.stale else 0.0)
-        unknown = _c("price_default_lookups", "Price lookups that fell back to the default price", ["node"])
-        unknown.add_metric([node], st.price_unknown_lookups)
+        unknown = _g("default_priced_units", "Units priced by the default price (no catalog row, override or "
+                     "annotation matched: set pricing overrides)", ["node"])
+        unknown.add_metric([node], sum(1 for v in st.units if v.row.price_source == "default"))
         unknown_dev = _g("podresources_unmatched_devices", "Kubelet device IDs that match no NVML device",
                          ["node"])
         unknown_dev.add_metric([node], st.attribution.unknown_devices)

@@ -180,5 +180,4 @@ class AgentState:
     inference: tuple[InferenceView, ...]
     pods: tuple[PodInfo, ...]
     collectors: tuple[CollectorStatus, ...]
-    price_unknown_lookups: int = 0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)

@@ -72,5 +72,4 @@ class Evaluator:
             time=now, node=node_view, driver_version=nvml.driver_version if nvml else "",
             units=tuple(views), attribution=att, devices=nvml.devices if nvml else (),
             costs=tuple(self.ledger.rows()), inference=inf_views, pods=pods, collectors=tuple(statuses),
-            price_unknown_lookups=self.prices.unknown_lookups,
         )
