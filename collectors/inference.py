@@ -42,6 +42,8 @@ LOG_EVERY_S = 300.0
 # What the worker may overrun the deadline by before collect stops waiting and aborts its socket.
 _ABORT_GRACE_S = 0.1
 _CHUNK = 64 * 1024
+FORGET_AFTER_S = 3600.0  # a target URL unseen this long has its error counts folded into GONE
+GONE = "(gone)"
 # What `InferenceReading.errors` and `errors_total` name a failed scrape by.
 ERROR_KINDS = (
     "timeout",  # no complete answer before the deadline (includes never answering, trickling)
@@ -326,6 +328,7 @@ class InferenceCollector:
         self._tracker = CounterTracker()
         self._errors_total: dict[tuple[str, str], int] = defaultdict(int)
         self._last_logged: dict[tuple[str, str], float] = {}
+        self._seen: dict[str, float] = {}  # url -> last time it was a target
         self._tls = ssl.create_default_context()
         if not verify_tls:
             self._tls.check_hostname = False
@@ -365,6 +368,7 @@ class InferenceCollector:
                 continue
             servers.extend(self._totals(target, stats, now) for stats in outcome)
         self._tracker.prune(now)
+        self._forget_gone_targets({t.url for t in targets}, now)
         if errors and len(errors) == len(targets):
             summary = "; ".join(f"{url}: {kind}" for url, kind in errors[:5])
             raise SourceError(SOURCE, f"all {len(targets)} targets failed: {summary}")
@@ -388,6 +392,17 @@ class InferenceCollector:
             generated_tokens_per_second=stats.generated_tokens_per_second,
             **counters,
         )
+
+    def _forget_gone_targets(self, current: set[str], now: float) -> None:
+        """Pods come and go: fold the error counts of URLs gone for a while into one "(gone)" entry
+        per kind, so memory stays bounded and the per-kind totals never go down."""
+        for url in current:
+            self._seen[url] = now
+        for url in [u for u, t in self._seen.items() if u not in current and now - t > FORGET_AFTER_S]:
+            del self._seen[url]
+            for key in [k for k in self._errors_total if k[0] == url]:
+                self._errors_total[(GONE, key[1])] += self._errors_total.pop(key)
+                self._last_logged.pop(key, None)
 
     def _record_error(self, url: str, kind: str, detail: str, now: float) -> None:
         key = (url, kind)

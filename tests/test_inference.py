@@ -539,3 +539,24 @@ def test_traffic_is_deterministic_for_a_seed_and_seven_days_is_one_call():
 
     assert run(1) == run(1)
     assert run(1) != run(2)
+
+
+def test_error_counts_of_targets_that_are_gone_are_folded_not_lost() -> None:
+    from collectors.inference import FORGET_AFTER_S, GONE, InferenceCollector, Target
+
+    targets = [Target("http://127.0.0.1:9/metrics", "ns", "old-pod", "static")]
+    c = InferenceCollector(lambda: targets, timeout=0.5)
+    try:
+        for t in (0.0, 15.0):
+            with pytest.raises(SourceError):
+                c.collect(t)
+        assert c.errors_total == {("http://127.0.0.1:9/metrics", "connection"): 2}
+        targets[:] = [Target("http://127.0.0.1:10/metrics", "ns", "new-pod", "static")]
+        with pytest.raises(SourceError):
+            c.collect(FORGET_AFTER_S + 100)
+        totals = c.errors_total
+        assert totals[(GONE, "connection")] == 2, "the old pod's URL is folded, its count kept"
+        assert not any(url == "http://127.0.0.1:9/metrics" for url, _ in totals)
+        assert sum(totals.values()) == 3
+    finally:
+        c.close()
