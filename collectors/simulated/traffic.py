@@ -260,11 +260,13 @@ def _triton(out: _Out, states: Sequence[TrafficState]) -> None:
     def labels(s: TrafficState, **extra: str) -> dict[str, str]:
         return {"model": s.model, **extra, "version": "1"}
 
-    out.family(
-        "nv_inference_request_success", "counter", "Number of successful inference requests, all batch sizes"
-    )
-    for s in states:
-        out.sample("nv_inference_request_success", labels(s), _n(s.successful_requests_total))
+    def each(name: str, kind: str, help_text: str, value: Callable[[TrafficState], str]) -> None:
+        out.family(name, kind, help_text)
+        for s in states:
+            out.sample(name, labels(s), value(s))
+
+    each("nv_inference_request_success", "counter", "Number of successful inference requests, all batch sizes",
+         lambda s: _n(s.successful_requests_total))
     out.family(
         "nv_inference_request_failure", "counter", "Number of failed inference requests, all batch sizes"
     )
@@ -275,25 +277,14 @@ def _triton(out: _Out, states: Sequence[TrafficState]) -> None:
                 labels(s, reason=reason),
                 _n(s.failed_requests_total * fraction),
             )
-    out.family(
-        "nv_inference_count", "counter", "Number of inferences performed (does not include cached requests)"
-    )
-    for s in states:
-        out.sample("nv_inference_count", labels(s), _n(s.successful_requests_total))
-    out.family(
-        "nv_inference_exec_count",
-        "counter",
-        "Number of model executions performed (does not include cached requests)",
-    )
-    for s in states:
-        out.sample("nv_inference_exec_count", labels(s), _n(s.successful_requests_total))
-    out.family(
-        "nv_inference_pending_request_count",
-        "gauge",
-        "Instantaneous number of pending requests awaiting execution per-model.",
-    )
-    for s in states:
-        out.sample("nv_inference_pending_request_count", labels(s), repr(float(round(s.queue_requests))))
+    each("nv_inference_count", "counter", "Number of inferences performed (does not include cached requests)",
+         lambda s: _n(s.successful_requests_total))
+    each("nv_inference_exec_count", "counter",
+         "Number of model executions performed (does not include cached requests)",
+         lambda s: _n(s.successful_requests_total))
+    each("nv_inference_pending_request_count", "gauge",
+         "Instantaneous number of pending requests awaiting execution per-model.",
+         lambda s: repr(float(round(s.queue_requests))))
 
 
 def _tgi(out: _Out, state: TrafficState) -> None:
