@@ -20,7 +20,7 @@ from typing import Any
 
 from agent.model import AgentState, CollectorStatus
 from collectors.base import Collector, SourceError, SourceUnavailable
-from collectors.simulated.clock import Clock
+from agent.clock import Clock
 
 log = logging.getLogger("gpucap.loop")
 

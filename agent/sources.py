@@ -13,7 +13,7 @@ from collectors.inference import InferenceCollector, Target, targets_from_pod
 from collectors.nvml import NvmlCollector
 from collectors.podresources import PodResourcesCollector
 from collectors.processes import ProcessesCollector
-from collectors.simulated.clock import Clock, SimClock
+from agent.clock import Clock, WallClock
 
 log = logging.getLogger("gpucap.sources")
 
@@ -40,6 +40,8 @@ def build_runtime(config: Config, *, simulate: str | None = None, speed: float =
         from collectors.simulated.environment import SimEnvironment
         from collectors.simulated.scenario import load_scenario
 
+        from collectors.simulated.clock import SimClock
+
         scenario = load_scenario(simulate)
         clock: Clock = SimClock(start=start, speed=speed, realtime=realtime)
         env = SimEnvironment(scenario, clock, kubelet=not config.kubelet.explicit,  # type: ignore[arg-type]
@@ -47,7 +49,7 @@ def build_runtime(config: Config, *, simulate: str | None = None, speed: float =
         node_name = config.node_name or scenario.node_name
         nvml = env.nvml
     else:
-        clock = Clock()
+        clock = WallClock()
         node_name = config.resolved_node_name()
         if nvml_module is None:
             import pynvml as nvml_module

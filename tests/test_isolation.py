@@ -100,7 +100,7 @@ def test_nvml_missing_at_start_is_retried_with_backoff_and_recovers(tmp_path) ->
 
 
 def test_hanging_collector_times_out_and_scrapes_stay_fast() -> None:
-    from collectors.simulated.clock import Clock
+    from agent.clock import WallClock as Clock
 
     hang = Hang()
     ok = Boom("ok", RuntimeError("x"))

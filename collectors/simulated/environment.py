@@ -49,7 +49,7 @@ class SimulatedMetadata:
 
     def collect(self, now: float) -> KubeMetadata:
         env = self.env
-        t = now - env.clock.start
+        t = env.clock.scenario_time()
         env.sync(t)
         if env.node.fault("source_down", t, source="kubernetes"):
             if self._last is None:
@@ -122,7 +122,7 @@ class SimEnvironment:
 
     # --- kubelet ----------------------------------------------------------------------------
     def _t(self) -> float:
-        return self.clock.now() - self.clock.start
+        return self.clock.scenario_time()
 
     def _list(self) -> list[tuple[str, str, str, str, tuple[str, ...]]]:
         t = self._t()

@@ -19,7 +19,7 @@ from typing import Any
 
 import pynvml
 
-from collectors.simulated.clock import Clock
+from collectors.simulated.clock import SimClock as Clock
 from collectors.simulated.node import SimNode
 
 _NO_INSTANCE = 0xFFFFFFFF
@@ -73,7 +73,7 @@ class SimulatedNVML:
 
     @property
     def scenario_time(self) -> float:
-        return self._clock.now() - self._clock.start
+        return self._clock.scenario_time()
 
     def _t(self) -> float:
         self.calls += 1

@@ -57,6 +57,7 @@ class ContainerSpec:
     devices: tuple[int, ...] = ()
     load: LoadSpec = LoadSpec()
     memory_bytes: int | None = None
+    shares: tuple[tuple[int, int], ...] = ()  # pinned (gpu index, replica) of a time-sliced GPU
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +94,8 @@ class PodSpec:
 class MigInstanceSpec:
     profile: str
     uuid: str
+    gi: int | None = None  # pinned GPU-instance id (None: NVML-like default)
+    ci: int | None = None  # pinned compute-instance id (None: 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +103,7 @@ class GpuSpec:
     index: int
     uuid: str
     mig: tuple[MigInstanceSpec, ...] | None = None  # None: MIG disabled
+    minor: int | None = None  # NVML minor number (/dev/nvidia<minor>); None: the index
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +229,10 @@ def _parse(data: dict[str, Any], path: str) -> Scenario:
     uuids = g.list("uuids", [])
     if uuids and (len(uuids) != count or not all(isinstance(u, str) and u.startswith("GPU-") for u in uuids)):
         raise g.error("uuids", f"a list of {count} strings starting with GPU-", uuids)
+    minors = g.list("minor_numbers", [])
+    if minors and (len(minors) != count or len(set(map(str, minors))) != count
+                   or not all(isinstance(m, int) and not isinstance(m, bool) and 0 <= m < 256 for m in minors)):
+        raise g.error("minor_numbers", f"a list of {count} distinct integers between 0 and 255", minors)
     mig_raw = g.mapping("mig")
     ts = g.section("time_slicing")
     replicas = ts.number("replicas", 1, integer=True, minimum=1, maximum=64)
@@ -238,7 +246,7 @@ def _parse(data: dict[str, Any], path: str) -> Scenario:
         mig = None
         if i in mig_raw or str(i) in mig_raw:
             mig = _parse_mig(mig_raw.get(i, mig_raw.get(str(i))), model, path, f"gpus.mig.{i}", seed, gid)
-        gpus.append(GpuSpec(i, gid, mig))
+        gpus.append(GpuSpec(i, gid, mig, minors[i] if minors else None))
     for k in mig_raw:
         if not (isinstance(k, int) or (isinstance(k, str) and k.isdigit())) or int(k) >= count:
             raise InputError(path, f"gpus.mig.{k}", f"a GPU index between 0 and {count - 1}", k)
@@ -290,10 +298,13 @@ def _parse_mig(raw: Any, model: GpuModel, path: str, key: str, seed: int, gpu_uu
     counts: dict[str, int] = {}
     for j, item in enumerate(raw):
         u = None
+        gi = ci = None
         if isinstance(item, dict):
             ir = Reader(item, path, f"{key}[{j}]")
             prof_name = ir.str("profile")
             u = ir.str("uuid", None)
+            gi = ir.number("gi", None, integer=True, minimum=0, maximum=14)
+            ci = ir.number("ci", None, integer=True, minimum=0, maximum=7)
             ir.done()
             if u is not None and not u.startswith("MIG-"):
                 raise InputError(path, f"{key}[{j}].uuid", "a MIG UUID starting with MIG-", u)
@@ -311,7 +322,9 @@ def _parse_mig(raw: Any, model: GpuModel, path: str, key: str, seed: int, gpu_uu
                 path, key, f"a MIG layout that fits one {model.key} (at most 7 compute and 8 memory slices, "
                 f"{prof.name} at most {prof.max_instances}×)", raw,
             )
-        out.append(MigInstanceSpec(prof.name, u or f"MIG-{_uuid(seed, gpu_uuid, 'mig', j)}"))
+        if gi is not None and any(o.gi == gi for o in out):
+            raise InputError(path, f"{key}[{j}].gi", "a GPU-instance id unique on this GPU", gi)
+        out.append(MigInstanceSpec(prof.name, u or f"MIG-{_uuid(seed, gpu_uuid, 'mig', j)}", gi, ci))
     return tuple(out)
 
 
@@ -394,10 +407,17 @@ def _parse_pod(r: Reader, seed: int, node_name: str, model: GpuModel) -> PodSpec
         devices = cr.list("devices", [])
         if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices):
             raise cr.error("devices", "a list of GPU indices", devices)
+        shares = []
+        for sr in cr.items("shares"):
+            shares.append((sr.number("gpu", integer=True, minimum=0, maximum=15),
+                           sr.number("replica", integer=True, minimum=0, maximum=63)))
+            sr.done()
         load = _parse_load(cr.section("load"), r.where)
         mem = cr.size("memory", None)
         cr.done()
-        containers.append(ContainerSpec(cname, gpus, tuple(mig), tuple(devices), load, mem))
+        if shares and gpus:
+            raise cr.error("shares", "either gpus (first-fit) or shares (pinned), not both", [list(x) for x in shares])
+        containers.append(ContainerSpec(cname, gpus, tuple(mig), tuple(devices), load, mem, tuple(shares)))
     inf = None
     if r.has("inference"):
         ir = r.section("inference")
