@@ -47,7 +47,10 @@ def setup_logging(fmt: str, level: str) -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"gpucap: error: {message}", err=True)
+    """One `gpucap: error:` line per problem: a file with three mistakes prints three lines, each
+    one naming its file and key, so that each can be grepped and fixed on its own."""
+    for line in message.splitlines() or [""]:
+        click.echo(f"gpucap: error: {line}", err=True)
     sys.exit(code)
 
 

@@ -1,7 +1,8 @@
-"""gpucap's configuration: one frozen dataclass tree; all validation and error messages live here.
+"""gpucap's configuration: one frozen dataclass tree, read through the one validation layer.
 
-Every key is optional; defaults are documented in docs/configuration.md. A mistake names the
-file, the dotted key and what was expected (`InputError`), which the CLI turns into exit code 2.
+Every key is optional; defaults are documented in docs/configuration.md. Each mistake names the
+file, the dotted key, the value and what was expected; all mistakes of a file come back in one
+`InputError` (collectors/schema.py), which the CLI turns into exit code 2.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import socket
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from collectors.pricing import PricingConfig, PricingConfigError, pricing_config_from_dict
-from collectors.schema import InputError, Reader, load_yaml_file
+from collectors.pricing import PricingConfig, pricing_config_from_dict, read_pricing_config
+from collectors.schema import Reader, load_yaml_file
 
 DEFAULT_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
 MAX_EXTRA_POD_LABELS = 10  # gpucap_pod_info: 6 own labels + these + job/instance stay under 20
@@ -85,6 +86,21 @@ class HistoryConfig:
     retention: float = 30 * 86400.0
 
 
+COLLECTOR_NAMES = ("nvml", "podresources", "kubernetes", "processes", "inference")
+
+
+@dataclass(frozen=True, slots=True)
+class CollectorSettings:
+    """`collectors.<name>`: whether the collector runs, and how old its last good value may be
+    before it counts as stale (None: 3 × its interval, so one slow cycle is not an outage)."""
+
+    enabled: bool = True
+    max_age: float | None = None
+
+
+_DEFAULT_COLLECTORS = tuple((name, CollectorSettings()) for name in COLLECTOR_NAMES)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     node_name: str = ""
@@ -101,6 +117,7 @@ class Config:
     outcome_window: float = 900.0
     pricing: PricingConfig = field(default_factory=lambda: pricing_config_from_dict(None, "defaults"))
     history: HistoryConfig = HistoryConfig()
+    collectors: tuple[tuple[str, CollectorSettings], ...] = _DEFAULT_COLLECTORS
     path: str = ""
 
     def resolved_node_name(self) -> str:
@@ -109,9 +126,22 @@ class Config:
     def with_overrides(self, **kw: Any) -> Config:
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
 
+    def collector(self, name: str) -> CollectorSettings:
+        """The settings of one collector by its name (the same name as in gpucap_collector_*)."""
+        for known, settings in self.collectors:
+            if known == name:
+                return settings
+        raise KeyError(f"no collector {name!r} (known: {', '.join(COLLECTOR_NAMES)})")
+
+    def max_age(self, name: str, interval: float) -> float:
+        """Seconds after which the collector's last good value is stale: configured, or 3 × interval."""
+        configured = self.collector(name).max_age
+        return configured if configured is not None else 3.0 * interval
+
 
 def load_config(path: str | None) -> Config:
-    """Read and validate a config file; no file → all defaults."""
+    """Read and validate a config file; no file → all defaults. Every mistake of the file is
+    reported at once, in one InputError."""
     if not path:
         return Config()
     return config_from_dict(load_yaml_file(path, "config"), path)
@@ -119,9 +149,19 @@ def load_config(path: str | None) -> Config:
 
 def config_from_dict(data: Any, where: str) -> Config:
     r = Reader(data, where)
+    config = _read_config(r)
+    r.raise_problems()
+    return config
+
+
+def _read_config(r: Reader) -> Config:
+    """Every section through the same Reader (its problem list is the file's)."""
+    where = r.where
     node_name = r.str("node_name", "")
     listen = r.str("listen", ":9470")
-    _check_listen(r, listen)
+    if parse_listen(listen) is None:
+        r.problem("listen", "HOST:PORT or :PORT (e.g. :9470)", listen)
+        listen = ":9470"
     lg = r.section("log")
     log_format = lg.str("format", "text", choices=("text", "json"))
     log_level = lg.str("level", "info", choices=("debug", "info", "warning", "error"))
@@ -146,8 +186,8 @@ def config_from_dict(data: Any, where: str) -> Config:
         pod_label_allowlist=_str_list(k8, "pod_label_allowlist", []),
     )
     if len(kube.pod_label_allowlist) > MAX_EXTRA_POD_LABELS:
-        raise k8.error("pod_label_allowlist", f"at most {MAX_EXTRA_POD_LABELS} labels (gpucap_pod_info has 6 "
-                       "labels of its own and every series stays under 20)", list(kube.pod_label_allowlist))
+        k8.problem("pod_label_allowlist", f"at most {MAX_EXTRA_POD_LABELS} labels (gpucap_pod_info has 6 "
+                   "labels of its own and every series stays under 20)", list(kube.pod_label_allowlist))
     k8.done()
 
     pr = r.section("processes")
@@ -157,9 +197,10 @@ def config_from_dict(data: Any, where: str) -> Config:
     inf = r.section("inference")
     targets = []
     for tr in inf.items("targets"):
+        mark = tr.mark()
         url = tr.str("url")
-        if not url.startswith(("http://", "https://")):
-            raise tr.error("url", "an http:// or https:// URL", url)
+        if tr.ok_since(mark) and not url.startswith(("http://", "https://")):
+            tr.problem("url", "an http:// or https:// URL", url)
         targets.append(InferenceTargetConfig(url, tr.str("namespace", ""), tr.str("pod", "")))
         tr.done()
     inference = InferenceConfig(
@@ -186,31 +227,45 @@ def config_from_dict(data: Any, where: str) -> Config:
     outcome_window = out.duration("window", 900.0)
     out.done()
 
-    raw_pricing = r.raw("pricing", None)
-    try:
-        pricing = pricing_config_from_dict(raw_pricing, where, base_dir=os.path.dirname(os.path.abspath(where)))
-    except PricingConfigError as e:
-        err = InputError(e.where, e.key_path, e.expected)
-        err.args = (str(e),)
-        raise err from None
+    pricing = read_pricing_config(r.section("pricing"), base_dir=os.path.dirname(os.path.abspath(where)))
 
     hs = r.section("history")
     history = HistoryConfig(hs.str("path", ""), hs.duration("interval", 60.0), hs.duration("retention", 30 * 86400.0))
     if history.path:
-        raise hs.error("path", "an empty path: the local history store is not implemented yet", history.path)
+        hs.problem("path", "an empty path: the local history store is not implemented yet", history.path)
     hs.done()
+
+    collectors = _read_collectors(r.section("collectors"), {"kubernetes": kube.enabled, "processes": procs.enabled})
+    # The old per-section switches and collectors.<name>.enabled are one setting: false in either wins
+    # (the Helm chart writes processes.enabled: false without hostPID, whatever the user's values say).
+    kube = replace(kube, enabled=dict(collectors)["kubernetes"].enabled)
+    procs = replace(procs, enabled=dict(collectors)["processes"].enabled)
     r.done()
     return Config(
         node_name=node_name, listen=listen, log_format=log_format, log_level=log_level, nvml=nvml, kubelet=kubelet,
         kubernetes=kube, processes=procs, inference=inference, idle=idle, saturation=saturation,
-        outcome_window=outcome_window, pricing=pricing, history=history, path=where,
+        outcome_window=outcome_window, pricing=pricing, history=history, collectors=collectors, path=where,
     )
+
+
+def _read_collectors(r: Reader, legacy_enabled: dict[str, bool]) -> tuple[tuple[str, CollectorSettings], ...]:
+    """`collectors.<name>: {enabled, max_age}` for every collector, defaults filled in; an
+    unknown name is an unknown key (the message lists the known ones)."""
+    out = []
+    for name in COLLECTOR_NAMES:
+        c = r.section(name)
+        enabled = c.bool("enabled", True) and legacy_enabled.get(name, True)
+        out.append((name, CollectorSettings(enabled, c.duration("max_age", None))))
+        c.done()
+    r.done(aliases={"kubelet": "podresources"})
+    return tuple(out)
 
 
 def _str_list(r: Reader, key: str, default: list[str]) -> tuple[str, ...]:
     v = r.list(key, default)
     if not all(isinstance(x, str) and x for x in v):
-        raise r.error(key, "a list of non-empty strings", v)
+        r.problem(key, "a list of non-empty strings", v)
+        return tuple(default)
     return tuple(v)
 
 
@@ -220,8 +275,3 @@ def parse_listen(listen: str) -> tuple[str, int] | None:
     if not sep or not port.isdigit() or int(port) > 65535:
         return None
     return host.strip("[]"), int(port)
-
-
-def _check_listen(r: Reader, listen: str) -> None:
-    if parse_listen(listen) is None:
-        raise r.error("listen", "HOST:PORT or :PORT (e.g. :9470)", listen)

@@ -12,7 +12,6 @@ into exit code 2; `PriceBook` never raises at lookup time.
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import math
 import re
@@ -25,7 +24,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import yaml
+from collectors.schema import InputError, Problem, Reader, parse_yaml
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +38,17 @@ MIG_BASES = ("compute", "memory")
 SOURCES = ("node_annotation", "config_instance_type", "config_model", "catalog_instance_type",
            "catalog_model", "default")
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
-_NOTHING = object()
 _CACHE_LIMIT = 4096
 
 
-class PricingConfigError(ValueError):
-    """A bad value in the pricing config or a price file, located precisely enough to fix it."""
+class PricingConfigError(InputError, ValueError):
+    """A bad pricing config or price file: the same `InputError` as every user file (file,
+    dotted key, value, expectation; every problem listed), kept as a name for its callers and
+    still a ValueError as it always was."""
 
-    def __init__(self, where: str, key_path: str, expected: str, got: object = _NOTHING):
-        self.where, self.key_path, self.expected, self.got = where, key_path, expected, got
-        located = f"{where}: {key_path}" if key_path else where
-        tail = "" if got is _NOTHING else f", got {got!r}"
-        super().__init__(f"{located}: expected {expected}{tail}")
+    @property
+    def key_path(self) -> str:
+        return self.path
 
 
 # --------------------------------------------------------------------------- GPU model names
@@ -90,52 +88,6 @@ def canonical_model(name: str) -> str:
     return raw
 
 
-# --------------------------------------------------------------------------- validation helpers
-def _price(value: object, where: str, path: str) -> float:
-    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
-            or value < 0):
-        raise PricingConfigError(where, path, "a non-negative number", value)
-    return float(value)
-
-
-def _ratio(value: object, where: str, path: str) -> float:
-    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
-            or not 0 < value <= 1):
-        raise PricingConfigError(where, path, "a number in (0, 1]", value)
-    return float(value)
-
-
-def _mapping(value: object, where: str, path: str) -> Mapping[Any, Any]:
-    if value is None:
-        return _EMPTY
-    if not isinstance(value, Mapping):
-        raise PricingConfigError(where, path, "a mapping", value)
-    return value
-
-
-def _known_keys(data: Mapping[Any, Any], known: tuple[str, ...], where: str, path: str) -> None:
-    for key in data:
-        if key not in known:
-            raise PricingConfigError(where, f"{path}.{key}" if path else str(key),
-                                     f"one of the keys {', '.join(known)}", key)
-
-
-def _key(key: object, where: str, path: str) -> str:
-    if not isinstance(key, str) or not key.strip():
-        raise PricingConfigError(where, f"{path}.{key}", "a non-empty string key", key)
-    return key.strip()
-
-
-def _text(value: object, where: str, path: str) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, _dt.date):  # YAML reads an unquoted 2026-07-20 as a date
-        return value.isoformat()
-    if not isinstance(value, str):
-        raise PricingConfigError(where, path, "a string", value)
-    return value
-
-
 # --------------------------------------------------------------------------- catalog
 @dataclass(frozen=True, slots=True)
 class InstanceTypePrice:
@@ -168,71 +120,106 @@ class Catalog:
                        self.default or base.default)
 
 
-_INSTANCE_KEYS = ("gpus", "gpu_model", "hourly", "gpu_hourly", "source", "date")
-_MODEL_KEYS = ("gpu_hourly", "source", "date")
+_EMPTY_CATALOG = Catalog(_EMPTY, _EMPTY)
 
 
 def parse_catalog(text: str, where: str, *, allow_default: bool = True) -> Catalog:
-    """Parse and validate a price file. Pure, so that it is tested on literal strings."""
+    """Parse and validate a price file. Pure, so that it is tested on literal strings; every
+    mistake of the file is reported at once."""
+    problems: list[Problem] = []
+    catalog = read_catalog(text, where, problems, allow_default=allow_default)
+    if problems:
+        raise PricingConfigError.of(problems)
+    return catalog
+
+
+def read_catalog(text: str, where: str, problems: list[Problem], *, allow_default: bool = True) -> Catalog:
+    """Like `parse_catalog`, but mistakes go to `problems` (the config file's list, when the
+    price file is named by `pricing.catalog_path`) and the rows that are fine are kept."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise PricingConfigError(where, "", "a YAML price file", str(exc).splitlines()[0]) from exc
-    data = _mapping(data, where, "(top level)")
-    known = ("instance_types", "gpu_models", "default") if allow_default else ("instance_types", "gpu_models")
-    _known_keys(data, known, where, "")
+        data = parse_yaml(text, where, "price")
+    except InputError as exc:
+        problems.extend(exc.problems)
+        return _EMPTY_CATALOG
+    r = Reader(data, where, "", problems)
     instances: dict[str, InstanceTypePrice] = {}
-    for raw_key, row in _mapping(data.get("instance_types"), where, "instance_types").items():
-        name = _key(raw_key, where, "instance_types")
-        path = f"instance_types.{name}"
-        row = _mapping(row, where, path)
-        _known_keys(row, _INSTANCE_KEYS, where, path)
-        gpus = row.get("gpus")
-        if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
-            raise PricingConfigError(where, f"{path}.gpus", "a positive whole number", gpus)
-        model = row.get("gpu_model")
-        if not isinstance(model, str) or not model.strip():
-            raise PricingConfigError(where, f"{path}.gpu_model", "a GPU model name", model)
-        if ("hourly" in row) == ("gpu_hourly" in row):
-            raise PricingConfigError(where, path, "exactly one of hourly (instance $/h) or gpu_hourly ($/GPU-h)")
-        per_gpu = (_price(row["hourly"], where, f"{path}.hourly") / gpus if "hourly" in row
-                   else _price(row["gpu_hourly"], where, f"{path}.gpu_hourly"))
+    rows = r.section("instance_types")
+    for raw_key, row_data in rows.data.items():
+        name = _entry_key(rows, raw_key)
+        row = rows.at(name if name is not None else raw_key, row_data)
+        mark = row.mark()
+        gpus = row.number("gpus", integer=True, minimum=1, expected="a positive whole number")
+        model = row.str("gpu_model", nonempty=True, expected="a GPU model name")
+        hourly = row.number("hourly", None, minimum=0.0)
+        gpu_hourly = row.number("gpu_hourly", None, minimum=0.0)
+        if row.ok_since(mark) and (hourly is None) == (gpu_hourly is None):
+            row.problem("", "exactly one of hourly (instance $/h) or gpu_hourly ($/GPU-h)", dict(row.data))
+        source, date = row.text("source"), row.text("date")
+        row.done()
+        if name is None or not row.ok_since(mark):
+            continue
+        per_gpu = hourly / gpus if hourly is not None else gpu_hourly
         if name.casefold() in instances:
-            raise PricingConfigError(where, path, "one row per instance type (case is ignored)", name)
-        instances[name.casefold()] = InstanceTypePrice(
-            name, gpus, canonical_model(model), per_gpu,
-            _text(row.get("source"), where, f"{path}.source"), _text(row.get("date"), where, f"{path}.date"))
+            rows.problem(raw_key, "one row per instance type (case is ignored)", raw_key)
+            continue
+        instances[name.casefold()] = InstanceTypePrice(name, gpus, canonical_model(model), float(per_gpu),
+                                                       source, date)
     models: dict[str, ModelPrice] = {}
-    for raw_key, row in _mapping(data.get("gpu_models"), where, "gpu_models").items():
-        model_row = _model_row(_key(raw_key, where, "gpu_models"), row, where, "gpu_models")
+    rows = r.section("gpu_models")
+    for raw_key, row_data in rows.data.items():
+        name = _entry_key(rows, raw_key)
+        model_row = _model_row(rows.at(raw_key, row_data), name, canonical=True)
+        if model_row is None:
+            continue
         if model_row.gpu_model in models:
-            raise PricingConfigError(where, f"gpu_models.{raw_key}", "one row per GPU model", raw_key)
+            rows.problem(raw_key, f"one row per GPU model ({model_row.gpu_model} twice)", raw_key)
+            continue
         models[model_row.gpu_model] = model_row
     default = None
-    if data.get("default") is not None:
-        default = _model_row("default", data["default"], where, "")
+    if allow_default and r.raw("default", None) is not None:
+        default = _model_row(r.section("default"), "default", canonical=False)
+    r.done()
     return Catalog(MappingProxyType(instances), MappingProxyType(models), default)
 
 
-def _model_row(name: str, row: object, where: str, parent: str) -> ModelPrice:
-    path = f"{parent}.{name}" if parent else name
-    row = _mapping(row, where, path)
-    _known_keys(row, _MODEL_KEYS, where, path)
-    if "gpu_hourly" not in row:
-        raise PricingConfigError(where, f"{path}.gpu_hourly", "a non-negative number (required)")
-    return ModelPrice(canonical_model(name) if parent else name,
-                      _price(row["gpu_hourly"], where, f"{path}.gpu_hourly"),
-                      _text(row.get("source"), where, f"{path}.source"),
-                      _text(row.get("date"), where, f"{path}.date"))
+def _entry_key(r: Reader, raw_key: object) -> str | None:
+    """A row's name (an instance type or a GPU model) must be a non-empty string."""
+    if not isinstance(raw_key, str) or not raw_key.strip():
+        r.problem(raw_key, "a non-empty string key", raw_key)
+        return None
+    return raw_key.strip()
+
+
+def _model_row(row: Reader, name: str | None, *, canonical: bool) -> ModelPrice | None:
+    mark = row.mark()
+    hourly = row.number("gpu_hourly", minimum=0.0)
+    source, date = row.text("source"), row.text("date")
+    row.done()
+    if name is None or not row.ok_since(mark):
+        return None
+    return ModelPrice(canonical_model(name) if canonical else name, float(hourly), source, date)
 
 
 def load_catalog(path: str, *, where_config: str = "config", key_path: str = "pricing.catalog_path") -> Catalog:
     """An operator's extra price file; errors inside it name the file itself."""
+    problems: list[Problem] = []
+    catalog = read_catalog_file(path, Reader({}, where_config, "", problems), key_path)
+    if problems:
+        raise PricingConfigError.of(problems)
+    return catalog
+
+
+def read_catalog_file(path: str, config: Reader, key_path: str = "pricing.catalog_path") -> Catalog:
+    """Read the price file named at `key_path` of the config file `config` reads; an unreadable
+    file is the config's mistake (at that key), a bad row the price file's own."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise PricingConfigError(where_config, key_path, f"a readable price file ({exc})", path) from exc
-    return parse_catalog(text, path, allow_default=False)
+        reason = "no such file" if isinstance(exc, FileNotFoundError) else (
+            exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))
+        config.problems.append(Problem(config.where, key_path, f"a readable price file ({reason})", path))
+        return _EMPTY_CATALOG
+    return read_catalog(text, path, config.problems, allow_default=False)
 
 
 @cache
@@ -262,53 +249,60 @@ class PricingConfig:
         object.__setattr__(self, "gpu_hourly_by_model", MappingProxyType(dict(self.gpu_hourly_by_model)))
 
 
-_CONFIG_KEYS = ("gpu_hourly_by_instance_type", "gpu_hourly_by_model", "default_gpu_hourly", "spot_ratio",
-                "reserved_ratio", "mig_cost_basis", "catalog_path")
-
-
 def pricing_config_from_dict(data: Mapping[str, Any] | None, where: str,
                              *, base_dir: str | None = None) -> PricingConfig:
-    """Validate the `pricing:` mapping of the config file named `where`. A relative `catalog_path`
-    is resolved against `base_dir` (the config file's directory) when given, and the file is
-    loaded now so that `gpucap check-config` catches a bad price file."""
-    data = _mapping(data, where, "pricing")
-    _known_keys(data, _CONFIG_KEYS, where, "pricing")
+    """Validate the `pricing:` mapping of the config file named `where`, reporting every
+    mistake at once (`PricingConfigError`). See `read_pricing_config`."""
+    r = Reader(data, where, "pricing")
+    config = read_pricing_config(r, base_dir=base_dir)
+    r.raise_problems(PricingConfigError)
+    return config
+
+
+def read_pricing_config(r: Reader, *, base_dir: str | None = None) -> PricingConfig:
+    """Read the `pricing:` section through the config file's Reader, so that its mistakes join
+    the config file's list. A relative `catalog_path` is resolved against `base_dir` (the config
+    file's directory) when given, and the file is read now so that `gpucap check-config` catches
+    a bad price file."""
     by_type: dict[str, float] = {}
     seen: set[str] = set()
-    path = "pricing.gpu_hourly_by_instance_type"
-    for raw_key, value in _mapping(data.get("gpu_hourly_by_instance_type"), where, path).items():
-        name = _key(raw_key, where, path)
+    m = r.section("gpu_hourly_by_instance_type")
+    for raw_key in m.data:
+        name = _entry_key(m, raw_key)
+        value = m.number(raw_key, minimum=0.0)
+        if name is None:
+            continue
         if name.casefold() in seen:
-            raise PricingConfigError(where, f"{path}.{raw_key}", "one entry per instance type (case is ignored)")
+            m.problem(raw_key, "one entry per instance type (case is ignored)", raw_key)
+            continue
         seen.add(name.casefold())
-        by_type[name] = _price(value, where, f"{path}.{raw_key}")
+        by_type[name] = float(value)
     by_model: dict[str, float] = {}
-    path = "pricing.gpu_hourly_by_model"
-    for raw_key, value in _mapping(data.get("gpu_hourly_by_model"), where, path).items():
-        model = canonical_model(_key(raw_key, where, path))
+    m = r.section("gpu_hourly_by_model")
+    for raw_key in m.data:
+        name = _entry_key(m, raw_key)
+        value = m.number(raw_key, minimum=0.0)
+        if name is None:
+            continue
+        model = canonical_model(name)
         if model in by_model:
-            raise PricingConfigError(where, f"{path}.{raw_key}", f"one entry per GPU model ({model} twice)")
-        by_model[model] = _price(value, where, f"{path}.{raw_key}")
-    kwargs: dict[str, Any] = {}
-    if "default_gpu_hourly" in data:
-        kwargs["default_gpu_hourly"] = _price(data["default_gpu_hourly"], where, "pricing.default_gpu_hourly")
-    for name in ("spot_ratio", "reserved_ratio"):
-        if name in data:
-            kwargs[name] = _ratio(data[name], where, f"pricing.{name}")
-    if "mig_cost_basis" in data:
-        if data["mig_cost_basis"] not in MIG_BASES:
-            raise PricingConfigError(where, "pricing.mig_cost_basis", "one of 'compute', 'memory'",
-                                     data["mig_cost_basis"])
-        kwargs["mig_cost_basis"] = data["mig_cost_basis"]
-    if data.get("catalog_path") is not None:
-        raw = data["catalog_path"]
-        if not isinstance(raw, str) or not raw.strip():
-            raise PricingConfigError(where, "pricing.catalog_path", "a file path", raw)
+            m.problem(raw_key, f"one entry per GPU model ({model} twice)", raw_key)
+            continue
+        by_model[model] = float(value)
+    kwargs: dict[str, Any] = {
+        "default_gpu_hourly": float(r.number("default_gpu_hourly", DEFAULT_GPU_HOURLY, minimum=0.0)),
+        "spot_ratio": float(r.number("spot_ratio", 0.35, minimum=0.0, maximum=1.0, exclusive_minimum=True)),
+        "reserved_ratio": float(r.number("reserved_ratio", 0.6, minimum=0.0, maximum=1.0, exclusive_minimum=True)),
+        "mig_cost_basis": r.str("mig_cost_basis", "compute", choices=MIG_BASES),
+    }
+    raw = r.str("catalog_path", None, nonempty=True, expected="a file path")
+    if raw:
         catalog_path = Path(raw.strip()).expanduser()
         if base_dir is not None and not catalog_path.is_absolute():
             catalog_path = Path(base_dir) / catalog_path
-        load_catalog(str(catalog_path), where_config=where)
+        read_catalog_file(str(catalog_path), r, r.key("catalog_path"))
         kwargs["catalog_path"] = str(catalog_path)
+    r.done()
     return PricingConfig(by_type, by_model, **kwargs)
 
 

@@ -1,36 +1,92 @@
-"""Reading user YAML (config files and scenarios) with errors that name the file and key.
+"""The one validation layer for user files: config, scenarios and price files.
 
-Both `agent/config.py` and the scenario loader read nested mappings the same way:
-every value is checked for type and range as it is read, every unknown key is an
-error, and an error always says `file: dotted.key: expected …, got …`. User mistakes
-become `InputError`; the CLI turns it into exit code 2, never a traceback.
+Every user file is read through a `Reader`, a cursor over one YAML mapping that checks type and
+range as each value is read. A mistake does not stop the reading: it is recorded as a `Problem`
+in a list shared by every Reader of the file, the read returns the default (or a neutral value)
+and validation carries on, so that one run of `gpucap check-config` lists every mistake of the
+file instead of one per attempt. The top-level loader then raises one `InputError` carrying all
+of them, one per line; the CLI turns it into exit code 2, never a traceback.
+
+A problem always names the file, the dotted key, the offending value and what was expected:
+`cfg.yaml: nvml.interval: expected a duration like 30s, 5m, 2h or 7d (> 0), got 'fast'`.
+An unknown key is an error (a typo must not silently become a default) and suggests the nearest
+known key. Why not pydantic: one dependency fewer in a node agent, and messages in our own
+wording (dotted path, the value as written, durations and sizes as users write them).
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import difflib
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-_MISSING = object()
+_MISSING: Any = object()  # "no default": the key is required
+_SKIP: Any = object()  # internal: the reader should return its fallback without checking
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, None: 1.0}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]i?B?|B)?\s*$", re.IGNORECASE)
+_SHOWN_CHARS = 80  # a whole mapping pasted into a message helps nobody past this
+
+
+def show(value: Any) -> str:
+    """The offending value as the user would recognise it: repr, cut short when it is huge."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 1] + "…"
+
+
+def did_you_mean(word: Any, known: Iterable[str]) -> str:
+    """`did you mean 'threshold'?` for the closest known word, or "" when nothing is close."""
+    close = difflib.get_close_matches(str(word), list(known), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else ""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One mistake in one file. `detail`, when set, replaces "expected …, got …" (unknown keys,
+    missing files): there the expectation alone would read oddly."""
+
+    where: str
+    path: str
+    expected: str
+    got: Any = _MISSING
+    detail: str = ""
+    hint: str = ""
+
+    def __str__(self) -> str:
+        if self.detail:
+            tail = self.detail
+        else:
+            tail = f"expected {self.expected}"
+            if self.got is not _MISSING:
+                tail += f", got {show(self.got)}"
+            if self.hint:
+                tail += f"; {self.hint}"
+        return ": ".join(part for part in (self.where, self.path, tail) if part)
 
 
 class InputError(Exception):
-    """A user-supplied file has a wrong value: names the file, the key path and the expectation."""
+    """A user-supplied file is wrong. `problems` lists every mistake found (one per line of the
+    message); `where`, `path`, `expected` and `got` are the first one's, for callers that only
+    need one."""
 
-    def __init__(self, where: str, path: str, expected: str, got: Any = _MISSING):
-        self.where, self.path, self.expected = where, path, expected
-        msg = f"{where}: {path}: expected {expected}" if path else f"{where}: expected {expected}"
-        if got is not _MISSING:
-            msg += f", got {got!r}"
-        super().__init__(msg)
+    def __init__(self, where: str, path: str = "", expected: str = "", got: Any = _MISSING,
+                 *, problems: Sequence[Problem] | None = None):
+        self.problems: list[Problem] = list(problems) if problems else [Problem(where, path, expected, got)]
+        first = self.problems[0]
+        self.where, self.path, self.expected, self.got = first.where, first.path, first.expected, first.got
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+    @classmethod
+    def of(cls, problems: Sequence[Problem]) -> InputError:
+        first = problems[0]
+        return cls(first.where, first.path, first.expected, first.got, problems=problems)
 
 
 def parse_duration(value: Any) -> float | None:
@@ -63,151 +119,259 @@ def parse_size(value: Any) -> int | None:
     return None
 
 
+def parse_yaml(text: str, where: str, what: str) -> Any:
+    """YAML text → data; a syntax error is an InputError naming the file and line. Fatal for
+    this file: nothing after a syntax error can be located reliably."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        located = f"{where}:{mark.line + 1}" if mark is not None else where
+        raise InputError(located, "", f"valid YAML in a {what} file ({getattr(e, 'problem', None) or e})") from None
+
+
 def load_yaml_file(path: str, what: str) -> Any:
     """Read YAML, turning I/O and syntax problems into an InputError naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
+            text = f.read()
     except FileNotFoundError:
-        raise InputError(path, "", f"an existing {what} file", "no such file") from None
-    except OSError as e:
-        raise InputError(path, "", f"a readable {what} file", str(e)) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else path
-        raise InputError(where, "", f"valid YAML ({getattr(e, 'problem', None) or e})") from None
+        raise InputError.of([Problem(path, "", f"an existing {what} file", detail=f"no such {what} file")]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise InputError.of([Problem(path, "", f"a readable {what} file",
+                                     detail=f"cannot read this {what} file ({reason})")]) from None
+    return parse_yaml(text, path, what)
 
 
 class Reader:
-    """A cursor over one mapping of a YAML document that remembers where it is."""
+    """A cursor over one mapping of a YAML document that remembers where it is.
 
-    def __init__(self, data: Any, where: str, path: str = ""):
+    Reads never raise: a wrong value is recorded in `problems` (shared with every child Reader)
+    and the read returns the default, else a neutral value, so that validation goes on. A
+    Reader over something that is not a mapping records that once and then stays silent
+    (`broken`): "targets[0] is not a mapping" is the mistake, not the keys it therefore lacks.
+    """
+
+    def __init__(self, data: Any, where: str, path: str = "", problems: list[Problem] | None = None,
+                 *, broken: bool = False):
+        self.problems: list[Problem] = problems if problems is not None else []
+        self.where = where
+        self.path = path
+        self.broken = broken
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
-            raise InputError(where, path, "a mapping", data)
-        self.data = data
-        self.where = where
-        self.path = path
-        self._seen: set[str] = set()
+            if not broken:
+                self.problems.append(Problem(where, path, "a mapping", data))
+            data, self.broken = {}, True
+        self.data: Mapping[Any, Any] = data
+        self._seen: set[Any] = set()
 
+    # ---------------------------------------------------------------- bookkeeping
     def key(self, name: Any) -> str:
         return f"{self.path}.{name}" if self.path else str(name)
 
-    def error(self, name: Any, expected: str, got: Any = _MISSING) -> InputError:
-        return InputError(self.where, self.key(name), expected, got)
+    def problem(self, name: Any, expected: str, got: Any = _MISSING, *, where: str | None = None,
+                hint: str = "", detail: str = "") -> None:
+        """Record a mistake at `name` (relative to this mapping; "" for the mapping itself)."""
+        path = self.key(name) if name != "" else self.path
+        self.problems.append(Problem(where or self.where, path, expected, got, detail, hint))
+
+    def mark(self) -> int:
+        """Where the problem list stands now; with `ok_since`, a cross-field check runs only on
+        values that were themselves valid (no second, derived complaint about a fallback)."""
+        return len(self.problems)
+
+    def ok_since(self, mark: int) -> bool:
+        return len(self.problems) == mark and not self.broken
+
+    def raise_problems(self, cls: type[InputError] = InputError) -> None:
+        """The top-level loader's last step: every problem of the file in one exception."""
+        if self.problems:
+            raise cls.of(self.problems)
+
+    def at(self, name: Any, data: Any) -> Reader:
+        """A child Reader over `data`, located at `name` below this one (for mapping entries)."""
+        return Reader(data, self.where, self.key(name), self.problems, broken=self.broken)
 
     def has(self, name: str) -> bool:
         return name in self.data
 
-    def raw(self, name: str, default: Any = _MISSING) -> Any:
+    def _get(self, name: Any, default: Any, expected: str) -> Any:
+        """The value to check, or _SKIP when the reader should just return its fallback."""
         self._seen.add(name)
+        if self.broken:
+            return _SKIP
         if name not in self.data:
             if default is _MISSING:
-                raise self.error(name, "a value (this key is required)")
-            return default
-        return self.data[name]
-
-    def str(self, name: str, default: Any = _MISSING, choices: tuple[str, ...] | None = None) -> Any:
-        v = self.raw(name, default)
-        if v is default and default is not _MISSING:
-            return v
-        if not isinstance(v, str):
-            raise self.error(name, "a string" if not choices else f"one of {', '.join(choices)}", v)
-        if choices is not None and v not in choices:
-            raise self.error(name, f"one of {', '.join(choices)}", v)
+                self.problem(name, expected, detail=f"missing required key, expected {expected}")
+            return _SKIP
+        v = self.data[name]
+        if v is None and default is None:
+            return _SKIP  # an explicit null where null is the default
         return v
 
-    def bool(self, name: str, default: Any = _MISSING) -> Any:
-        v = self.raw(name, default)
+    @staticmethod
+    def _fallback(default: Any, neutral: Any) -> Any:
+        return neutral if default is _MISSING else default
+
+    # ---------------------------------------------------------------- typed reads
+    def raw(self, name: Any, default: Any = _MISSING) -> Any:
+        v = self._get(name, default, "a value")
+        return self._fallback(default, None) if v is _SKIP else v
+
+    def str(self, name: Any, default: Any = _MISSING, choices: Sequence[str] | None = None, *,
+            nonempty: bool = False, expected: str | None = None) -> Any:
+        exp = expected or (f"one of {', '.join(choices)}" if choices
+                           else "a non-empty string" if nonempty else "a string")
+        v = self._get(name, default, exp)
+        if v is _SKIP:
+            return self._fallback(default, "")
+        if (not isinstance(v, str) or (nonempty and not v.strip())
+                or (choices is not None and v not in choices)):
+            self.problem(name, exp, v, hint=did_you_mean(v, choices) if choices and isinstance(v, str) else "")
+            return self._fallback(default, "")
+        return v
+
+    def bool(self, name: Any, default: Any = _MISSING) -> Any:
+        v = self._get(name, default, "true or false")
+        if v is _SKIP:
+            return self._fallback(default, False)
         if not isinstance(v, bool):
-            raise self.error(name, "true or false", v)
+            self.problem(name, "true or false", v)
+            return self._fallback(default, False)
         return v
 
     def number(
         self,
-        name: str,
+        name: Any,
         default: Any = _MISSING,
         *,
         minimum: float | None = None,
         maximum: float | None = None,
         integer: bool = False,
         exclusive_minimum: bool = False,
+        expected: str | None = None,
     ) -> Any:
-        v = self.raw(name, default)
-        if v is default and default is not _MISSING:
-            return v
         kind = "an integer" if integer else "a number"
+        exp = expected or _describe(kind, minimum, maximum, exclusive_minimum)
+        neutral: Any = 0 if minimum is None else minimum
+        if exclusive_minimum and minimum is not None:
+            neutral = maximum if maximum is not None else minimum + 1
+        if integer:
+            neutral = int(neutral)
+        v = self._get(name, default, exp)
+        if v is _SKIP:
+            return self._fallback(default, neutral)
         ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-        if isinstance(v, bool) or not ok or (isinstance(v, float) and not math.isfinite(v)):
-            raise self.error(name, _describe(kind, minimum, maximum, exclusive_minimum), v)
-        if minimum is not None and (v < minimum or (exclusive_minimum and v == minimum)):
-            raise self.error(name, _describe(kind, minimum, maximum, exclusive_minimum), v)
-        if maximum is not None and v > maximum:
-            raise self.error(name, _describe(kind, minimum, maximum, exclusive_minimum), v)
+        if (isinstance(v, bool) or not ok or (isinstance(v, float) and not math.isfinite(v))
+                or (minimum is not None and (v < minimum or (exclusive_minimum and v == minimum)))
+                or (maximum is not None and v > maximum)):
+            self.problem(name, exp, v)
+            return self._fallback(default, neutral)
         return v
 
-    def duration(self, name: str, default: Any = _MISSING, *, positive: bool = True) -> Any:
-        v = self.raw(name, default)
-        if v is default and default is not _MISSING:
-            return parse_duration(v) if v is not None else None
+    def duration(self, name: Any, default: Any = _MISSING, *, positive: bool = True) -> Any:
+        exp = "a duration like 30s, 5m, 2h or 7d" + (" (> 0)" if positive else "")
+        fallback = 1.0 if default is _MISSING else (parse_duration(default) if default is not None else None)
+        v = self._get(name, default, exp)
+        if v is _SKIP:
+            return fallback
         d = parse_duration(v)
         if d is None or d < 0 or (positive and d == 0):
-            raise self.error(name, "a duration like 30s, 5m, 2h or 7d" + (" (> 0)" if positive else ""), v)
+            self.problem(name, exp, v)
+            return fallback
         return d
 
-    def size(self, name: str, default: Any = _MISSING) -> Any:
-        v = self.raw(name, default)
-        if v is default and default is not _MISSING:
-            return v
+    def size(self, name: Any, default: Any = _MISSING) -> Any:
+        exp = "a size like 20GiB, 512MiB or a number of bytes"
+        v = self._get(name, default, exp)
+        if v is _SKIP:
+            return self._fallback(default, 0)
         s = parse_size(v)
         if s is None or s < 0:
-            raise self.error(name, "a size like 20GiB, 512MiB or a number of bytes", v)
+            self.problem(name, exp, v)
+            return self._fallback(default, 0)
         return s
 
-    def section(self, name: str) -> Reader:
-        return Reader(self.raw(name, None), self.where, self.key(name))
+    def text(self, name: Any, default: str = "") -> str:
+        """Free text such as a source or a date: YAML reads an unquoted 2026-07-20 as a date,
+        which is what the user meant as text."""
+        v = self._get(name, default, "a string")
+        if v is _SKIP:
+            return default
+        if isinstance(v, _dt.date):
+            return v.isoformat()
+        if not isinstance(v, str):
+            self.problem(name, "a string", v)
+            return default
+        return v
 
-    def list(self, name: str, default: Any = _MISSING) -> Any:
-        v = self.raw(name, default)
-        if v is default and default is not _MISSING:
-            return v
+    def section(self, name: Any) -> Reader:
+        """The mapping at `name` as a child Reader (absent or null: an empty mapping)."""
+        self._seen.add(name)
+        return Reader(self.data.get(name), self.where, self.key(name), self.problems, broken=self.broken)
+
+    def list(self, name: Any, default: Any = _MISSING) -> Any:
+        v = self._get(name, default, "a list")
+        if v is _SKIP:
+            return self._fallback(default, [])
         if v is None:
             return []
         if not isinstance(v, list):
-            raise self.error(name, "a list", v)
+            self.problem(name, "a list", v)
+            return self._fallback(default, [])
         return v
 
-    def mapping(self, name: str) -> Mapping[Any, Any]:
-        v = self.raw(name, None)
-        if v is None:
+    def mapping(self, name: Any) -> Mapping[Any, Any]:
+        v = self._get(name, None, "a mapping")
+        if v is _SKIP:
             return {}
         if not isinstance(v, Mapping):
-            raise self.error(name, "a mapping", v)
+            self.problem(name, "a mapping", v)
+            return {}
         return v
 
-    def str_map(self, name: str) -> dict[str, str]:
+    def str_map(self, name: Any) -> dict[str, str]:
         out: dict[str, str] = {}
         for k, v in self.mapping(name).items():
             if not isinstance(k, str) or isinstance(v, (dict, list)) or v is None:
-                raise InputError(self.where, f"{self.key(name)}.{k}", "a string value", v)
+                self.problem(f"{name}.{k}", "a string value", v)
+                continue
             out[k] = str(v).lower() if isinstance(v, bool) else str(v)
         return out
 
-    def items(self, name: str) -> list[Reader]:
+    def items(self, name: Any) -> list[Reader]:
         """A list of mappings, each as its own Reader (path `name[i]`)."""
-        return [Reader(item, self.where, f"{self.key(name)}[{i}]") for i, item in enumerate(self.list(name, []))]
+        return [Reader(item, self.where, f"{self.key(name)}[{i}]", self.problems, broken=self.broken)
+                for i, item in enumerate(self.list(name, []))]
 
-    def done(self, extra: Callable[[str], bool] | None = None) -> None:
-        """Every key must have been read: a typo is an error, not a silently ignored setting."""
+    def ignore_rest(self) -> None:
+        """Accept the keys not read: used when an earlier mistake (an unknown `kind`) means we
+        cannot know which keys belong here, so "unknown key" would be a guess."""
+        self._seen.update(self.data)
+
+    def done(self, extra: Callable[[Any], bool] | None = None, aliases: Mapping[str, str] | None = None) -> None:
+        """Every key must have been read: a typo is an error, not a silently ignored setting.
+        `aliases` names the known key meant by a likely confusion that is no typo (the
+        `kubelet:` section configures the `podresources` collector)."""
+        if self.broken:
+            return
+        known = sorted(str(k) for k in self._seen)
         for k in self.data:
-            if k not in self._seen and not (extra and extra(k)):
-                known = ", ".join(sorted(self._seen)) or "none"
-                raise InputError(self.where, self.key(k), f"a known key (known here: {known})", "unknown key")
+            if k in self._seen or (extra and extra(k)):
+                continue
+            hint = f"did you mean {aliases[k]!r}?" if aliases and k in aliases else did_you_mean(k, known)
+            listed = ", ".join(known) or "none"
+            self.problem(k, f"a known key (known here: {listed})", k,
+                         detail=f"unknown key (known here: {listed}{'; ' + hint if hint else ''})")
 
 
 def _describe(kind: str, minimum: float | None, maximum: float | None, exclusive: bool) -> str:
     if minimum is not None and maximum is not None:
+        if exclusive:
+            return f"{kind} in ({minimum:g}, {maximum:g}]"
         return f"{kind} between {minimum:g} and {maximum:g}"
     if minimum is not None:
         if minimum == 0 and not exclusive:

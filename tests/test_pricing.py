@@ -285,13 +285,16 @@ BAD_CONFIGS = [
     ({"gpu_hourly_by_instance_type": ["p5.48xlarge"]}, "pricing.gpu_hourly_by_instance_type",
      "expected a mapping"),
     ({"default_gpu_hourly": "cheap"}, "pricing.default_gpu_hourly", "expected a non-negative number"),
-    ({"spot_ration": 0.3}, "pricing.spot_ration", "expected one of the keys gpu_hourly_by_instance_type"),
-    ({"mig_cost_basis": "sm"}, "pricing.mig_cost_basis", "expected one of 'compute', 'memory', got 'sm'"),
+    ({"spot_ration": 0.3}, "pricing.spot_ration", ("unknown key (known here: catalog_path, default_gpu_hourly, "
+     "gpu_hourly_by_instance_type, gpu_hourly_by_model, mig_cost_basis, reserved_ratio, spot_ratio; "
+     "did you mean 'spot_ratio'?)")),
+    ({"mig_cost_basis": "sm"}, "pricing.mig_cost_basis", "expected one of compute, memory, got 'sm'"),
     ({"spot_ratio": 0}, "pricing.spot_ratio", "expected a number in (0, 1], got 0"),
     ({"reserved_ratio": 1.5}, "pricing.reserved_ratio", "expected a number in (0, 1], got 1.5"),
     ({"spot_ratio": -0.2}, "pricing.spot_ratio", "expected a number in (0, 1]"),
     ({"gpu_hourly_by_model": {"H100-80GB": 1, "NVIDIA H100 80GB HBM3": 2}},
-     "pricing.gpu_hourly_by_model.NVIDIA H100 80GB HBM3", "one entry per GPU model"),
+     "pricing.gpu_hourly_by_model.NVIDIA H100 80GB HBM3",
+     "expected one entry per GPU model (H100-80GB twice), got 'NVIDIA H100 80GB HBM3'"),
     ({"catalog_path": 3}, "pricing.catalog_path", "expected a file path, got 3"),
     ({"catalog_path": "/nonexistent/prices.yaml"}, "pricing.catalog_path", "expected a readable price file"),
 ]
@@ -324,13 +327,13 @@ BAD_CATALOGS = [
     ("instance_types:\n  x.large: {gpus: 1, gpu_model: L4, hourly: 3, gpu_hourly: 3}\n", "instance_types.x.large",
      "expected exactly one of hourly"),
     ("instance_types:\n  x.large: {gpus: 1, gpu_model: L4, hourly: 3, price: 3}\n",
-     "instance_types.x.large.price", "expected one of the keys gpus"),
+     "instance_types.x.large.price", "unknown key (known here: date, gpu_hourly, gpu_model, gpus, hourly, source)"),
     ("gpu_models:\n  L4: {gpu_hourly: lots}\n", "gpu_models.L4.gpu_hourly", "expected a non-negative number"),
     ("gpu_models:\n  L4: {source: x}\n", "gpu_models.L4.gpu_hourly", "expected a non-negative number"),
     ("gpu_models: [L4]\n", "gpu_models", "expected a mapping"),
-    ("prices: {}\n", "prices", "expected one of the keys instance_types, gpu_models"),
-    ("default: {gpu_hourly: 1}\n", "default", "expected one of the keys instance_types, gpu_models"),
-    ("- just\n- a list\n", "(top level)", "expected a mapping"),
+    ("prices: {}\n", "prices", "unknown key (known here: gpu_models, instance_types)"),
+    ("default: {gpu_hourly: 1}\n", "default", "unknown key (known here: gpu_models, instance_types)"),
+    ("- just\n- a list\n", "", "expected a mapping, got ['just', 'a list']"),
 ]
 
 
@@ -341,7 +344,7 @@ def test_bad_price_file_names_its_own_file_key_and_expectation(tmp_path: Path, t
     extra.write_text(text)
     with pytest.raises(PricingConfigError) as err:
         pricing_config_from_dict({"catalog_path": "my-prices.yaml"}, "config.yaml", base_dir=str(tmp_path))
-    assert str(err.value).startswith(f"{extra}: {key_path}: ")
+    assert str(err.value).startswith(f"{extra}: {key_path}: " if key_path else f"{extra}: ")
     assert expectation in str(err.value)
 
 
@@ -350,7 +353,7 @@ def test_unparseable_price_file_is_a_config_error(tmp_path: Path) -> None:
     extra.write_text("instance_types: {p5: [\n")
     with pytest.raises(PricingConfigError) as err:
         pricing_config_from_dict({"catalog_path": str(extra)}, "config.yaml")
-    assert str(err.value).startswith(f"{extra}: expected a YAML price file")
+    assert str(err.value).startswith(f"{extra}:2: expected valid YAML in a price file")
 
 
 def test_parse_catalog_accepts_an_empty_file_and_unquoted_dates() -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from collectors.schema import InputError, Reader, load_yaml_file
+from collectors.schema import InputError, Problem, Reader, did_you_mean, load_yaml_file
 from collectors.simulated.catalog import MODELS, GpuModel
 
 PATTERNS = ("idle", "constant", "diurnal", "bursty", "ramp", "trace")
@@ -161,26 +161,34 @@ def builtin_names() -> list[str]:
     return sorted(f[:-5] for f in os.listdir(builtin_dir()) if f.endswith(".yaml"))
 
 
-def resolve(name_or_path: str) -> str:
-    """A built-in scenario name or a path to a YAML file → the file path."""
+def resolve(name_or_path: str, where: str | None = None, key: str = "") -> str:
+    """A built-in scenario name or a path to a YAML file → the file path. `where`/`key` locate
+    the name when it comes from another file (`extends:`)."""
     if os.path.sep in name_or_path or name_or_path.endswith((".yaml", ".yml")):
         return name_or_path
     path = os.path.join(builtin_dir(), f"{name_or_path}.yaml")
     if not os.path.exists(path):
-        raise InputError(
-            name_or_path, "", f"a built-in scenario ({', '.join(builtin_names())}) or a path to a YAML file",
-            "not found",
-        )
+        names = builtin_names()
+        hint = did_you_mean(name_or_path, names)
+        expected = f"a built-in scenario ({', '.join(names)}) or a path to a YAML file"
+        if where is None:
+            detail = (f"not a built-in scenario ({', '.join(names)}{'; ' + hint if hint else ''}) "
+                      "nor a path to a YAML file (one with a / or ending in .yaml)")
+            raise InputError.of([Problem(name_or_path, "", expected, name_or_path, detail=detail)])
+        raise InputError.of([Problem(where, key, expected, name_or_path, hint=hint)])
     return path
 
 
 def load_scenario(name_or_path: str) -> Scenario:
+    """Read and validate a scenario: every mistake of the file is reported at once."""
     path = resolve(name_or_path)
     data = _load_with_extends(path, seen=())
     return _parse(data, path)
 
 
 def _load_with_extends(path: str, seen: tuple[str, ...]) -> dict[str, Any]:
+    """The file merged over its `extends:` chain. Fatal problems only (missing file, bad YAML,
+    cycle): without the data there is nothing to validate further."""
     data = load_yaml_file(path, "scenario")
     if not isinstance(data, dict):
         raise InputError(path, "", "a mapping at the top level of the scenario", data)
@@ -189,7 +197,7 @@ def _load_with_extends(path: str, seen: tuple[str, ...]) -> dict[str, Any]:
         return data
     if not isinstance(parent_name, str):
         raise InputError(path, "extends", "the name or path of another scenario", parent_name)
-    parent_path = resolve(parent_name)
+    parent_path = resolve(parent_name, path, "extends")
     if not os.path.isabs(parent_path) and os.path.sep in parent_name:
         parent_path = os.path.join(os.path.dirname(path), parent_name)
     if os.path.abspath(parent_path) in seen:
@@ -221,18 +229,18 @@ def _parse(data: dict[str, Any], path: str) -> Scenario:
     node.done()
 
     g = r.section("gpus")
-    model_key = g.str("model")
-    if model_key not in MODELS:
-        raise g.error("model", f"one of {', '.join(sorted(MODELS))}", model_key)
-    model = MODELS[model_key]
+    model_key = g.str("model", choices=tuple(sorted(MODELS)))
+    model = MODELS.get(model_key)  # None after a mistake: the checks that need the model are skipped
     count = g.number("count", 1, integer=True, minimum=1, maximum=16)
     uuids = g.list("uuids", [])
     if uuids and (len(uuids) != count or not all(isinstance(u, str) and u.startswith("GPU-") for u in uuids)):
-        raise g.error("uuids", f"a list of {count} strings starting with GPU-", uuids)
+        g.problem("uuids", f"a list of {count} strings starting with GPU-", uuids)
+        uuids = []
     minors = g.list("minor_numbers", [])
     if minors and (len(minors) != count or len(set(map(str, minors))) != count
                    or not all(isinstance(m, int) and not isinstance(m, bool) and 0 <= m < 256 for m in minors)):
-        raise g.error("minor_numbers", f"a list of {count} distinct integers between 0 and 255", minors)
+        g.problem("minor_numbers", f"a list of {count} distinct integers between 0 and 255", minors)
+        minors = []
     mig_raw = g.mapping("mig")
     ts = g.section("time_slicing")
     replicas = ts.number("replicas", 1, integer=True, minimum=1, maximum=64)
@@ -244,18 +252,19 @@ def _parse(data: dict[str, Any], path: str) -> Scenario:
     for i in range(count):
         gid = uuids[i] if uuids else f"GPU-{_uuid(seed, node_name, 'gpu', i)}"
         mig = None
-        if i in mig_raw or str(i) in mig_raw:
-            mig = _parse_mig(mig_raw.get(i, mig_raw.get(str(i))), model, path, f"gpus.mig.{i}", seed, gid)
+        if model is not None and (i in mig_raw or str(i) in mig_raw):
+            mig = _parse_mig(g, mig_raw.get(i, mig_raw.get(str(i))), model, f"mig.{i}", seed, gid)
         gpus.append(GpuSpec(i, gid, mig, minors[i] if minors else None))
     for k in mig_raw:
         if not (isinstance(k, int) or (isinstance(k, str) and k.isdigit())) or int(k) >= count:
-            raise InputError(path, f"gpus.mig.{k}", f"a GPU index between 0 and {count - 1}", k)
+            g.problem(f"mig.{k}", f"a GPU index between 0 and {count - 1}", k)
     if replicas > 1 and any(gs.mig is not None for gs in gpus):
-        raise InputError(path, "gpus.time_slicing.replicas", "1 when MIG is enabled on a GPU of the node", replicas)
+        g.problem("time_slicing.replicas", "1 when MIG is enabled on a GPU of the node", replicas)
 
     namespaces = []
-    for ns_name, ns_data in r.mapping("namespaces").items():
-        nr = Reader(ns_data, path, f"namespaces.{ns_name}")
+    ns_section = r.section("namespaces")
+    for ns_name in ns_section.data:
+        nr = ns_section.section(ns_name)
         namespaces.append((str(ns_name), tuple(sorted(nr.str_map("labels").items()))))
         nr.done()
 
@@ -263,7 +272,7 @@ def _parse(data: dict[str, Any], path: str) -> Scenario:
     seen_pods: set[tuple[str, str]] = set()
     for i, p in enumerate(pods):
         if (p.namespace, p.name) in seen_pods:
-            raise InputError(path, f"pods[{i}].name", "a pod name unique in its namespace", p.name)
+            r.problem(f"pods[{i}].name", "a pod name unique in its namespace", p.name)
         seen_pods.add((p.namespace, p.name))
 
     faults = tuple(_parse_fault(fr, count) for fr in r.items("faults"))
@@ -275,7 +284,9 @@ def _parse(data: dict[str, Any], path: str) -> Scenario:
                                     hr.size("memory", 0)))
         hr.done()
     r.done()
+    r.raise_problems()
 
+    model = MODELS[model_key]  # no problem recorded, so the model key was valid
     shared_resource = "nvidia.com/gpu.shared" if replicas > 1 and rename else "nvidia.com/gpu"
     sc = Scenario(
         name=name, description=description, seed=seed, node_name=node_name,
@@ -284,15 +295,20 @@ def _parse(data: dict[str, Any], path: str) -> Scenario:
         namespaces=tuple(namespaces), pods=pods, faults=faults, host_processes=tuple(host),
         driver_version=driver, path=path,
     )
-    _check_capacity(sc)
+    _check_capacity(sc)  # first-fit over the whole node: only meaningful on a scenario without mistakes
     return sc
 
 
-def _parse_mig(raw: Any, model: GpuModel, path: str, key: str, seed: int, gpu_uuid: str) -> tuple[MigInstanceSpec, ...]:
+def _parse_mig(g: Reader, raw: Any, model: GpuModel, key: str, seed: int,
+               gpu_uuid: str) -> tuple[MigInstanceSpec, ...] | None:
+    """One GPU's MIG layout (`gpus.mig.<i>`); None after a mistake (recorded on `g`)."""
     if not model.mig_profiles:
-        raise InputError(path, key, f"no MIG layout: {model.key} does not support MIG")
+        g.problem(key, f"no MIG layout: {model.key} does not support MIG", raw)
+        return None
     if not isinstance(raw, list):
-        raise InputError(path, key, "a list of MIG profiles, e.g. [3g.40gb, 2g.20gb]", raw)
+        g.problem(key, "a list of MIG profiles, e.g. [3g.40gb, 2g.20gb]", raw)
+        return None
+    mark = g.mark()
     out = []
     compute = memory = 0
     counts: dict[str, int] = {}
@@ -300,36 +316,44 @@ def _parse_mig(raw: Any, model: GpuModel, path: str, key: str, seed: int, gpu_uu
         u = None
         gi = ci = None
         if isinstance(item, dict):
-            ir = Reader(item, path, f"{key}[{j}]")
+            ir = g.at(f"{key}[{j}]", item)
+            item_mark = ir.mark()
             prof_name = ir.str("profile")
             u = ir.str("uuid", None)
             gi = ir.number("gi", None, integer=True, minimum=0, maximum=14)
             ci = ir.number("ci", None, integer=True, minimum=0, maximum=7)
             ir.done()
             if u is not None and not u.startswith("MIG-"):
-                raise InputError(path, f"{key}[{j}].uuid", "a MIG UUID starting with MIG-", u)
+                ir.problem("uuid", "a MIG UUID starting with MIG-", u)
+            if not ir.ok_since(item_mark):
+                continue
         else:
             prof_name = item
         prof = model.mig_profile(str(prof_name))
         if prof is None:
             names = ", ".join(p.name for p in model.mig_profiles)
-            raise InputError(path, f"{key}[{j}]", f"a MIG profile of {model.key} ({names})", prof_name)
+            g.problem(f"{key}[{j}]", f"a MIG profile of {model.key} ({names})", prof_name,
+                      hint=did_you_mean(prof_name, [p.name for p in model.mig_profiles]))
+            continue
         compute += prof.compute_slices
         memory += prof.memory_slices
         counts[prof.name] = counts.get(prof.name, 0) + 1
         if compute > 7 or memory > 8 or counts[prof.name] > prof.max_instances:
-            raise InputError(
-                path, key, f"a MIG layout that fits one {model.key} (at most 7 compute and 8 memory slices, "
-                f"{prof.name} at most {prof.max_instances}×)", raw,
-            )
+            g.problem(key, f"a MIG layout that fits one {model.key} (at most 7 compute and 8 memory slices, "
+                      f"{prof.name} at most {prof.max_instances}×)", raw)
+            return None
         if gi is not None and any(o.gi == gi for o in out):
-            raise InputError(path, f"{key}[{j}].gi", "a GPU-instance id unique on this GPU", gi)
+            g.problem(f"{key}[{j}].gi", "a GPU-instance id unique on this GPU", gi)
         out.append(MigInstanceSpec(prof.name, u or f"MIG-{_uuid(seed, gpu_uuid, 'mig', j)}", gi, ci))
-    return tuple(out)
+    return tuple(out) if g.ok_since(mark) else None
 
 
 def _parse_load(r: Reader, path: str) -> LoadSpec:
+    mark = r.mark()
     pattern = r.str("pattern", "idle", choices=PATTERNS)
+    if not r.ok_since(mark):
+        r.ignore_rest()  # which keys belong here depends on the pattern: no guessing at unknown ones
+        return LoadSpec()
     unit = {"minimum": 0.0}
     kw: dict[str, Any] = {"pattern": pattern}
     kw["noise"] = r.number("noise", 0.0, minimum=0.0, maximum=1.0)
@@ -358,7 +382,11 @@ def _parse_load(r: Reader, path: str) -> LoadSpec:
 
 
 def _read_trace(r: Reader, path: str) -> tuple[tuple[float, float], ...]:
-    f = r.str("file")
+    """A CSV load trace; the first bad row of it is reported (one broken file, one line)."""
+    mark = r.mark()
+    f = r.str("file", nonempty=True)
+    if not r.ok_since(mark):
+        return ()
     full = f if os.path.isabs(f) else os.path.join(os.path.dirname(path), f)
     points: list[tuple[float, float]] = []
     try:
@@ -369,18 +397,21 @@ def _read_trace(r: Reader, path: str) -> tuple[tuple[float, float], ...]:
                 try:
                     t, v = float(row[0]), float(row[1])
                 except (ValueError, IndexError):
-                    raise InputError(f"{full}:{n}", r.key("file"), "CSV rows 'seconds,value'", ",".join(row)) from None
+                    r.problem("file", "CSV rows 'seconds,value'", ",".join(row), where=f"{full}:{n}")
+                    return ()
                 if v < 0:
-                    raise InputError(f"{full}:{n}", r.key("file"), "a non-negative load", v)
+                    r.problem("file", "a non-negative load", v, where=f"{full}:{n}")
+                    return ()
                 points.append((t, v))
     except OSError as e:
-        raise InputError(path, r.key("file"), "a readable CSV trace file", str(e)) from None
+        r.problem("file", f"a readable CSV trace file ({e.strerror or e})", f)
+        return ()
     if not points:
-        raise InputError(path, r.key("file"), "a trace with at least one 'seconds,value' row", f)
+        r.problem("file", "a trace with at least one 'seconds,value' row", f)
     return tuple(sorted(points))
 
 
-def _parse_pod(r: Reader, seed: int, node_name: str, model: GpuModel) -> PodSpec:
+def _parse_pod(r: Reader, seed: int, node_name: str, model: GpuModel | None) -> PodSpec:
     ns = r.str("namespace", "default")
     name = r.str("name")
     uid = r.str("uid", _uuid(seed, node_name, ns, name))
@@ -390,23 +421,28 @@ def _parse_pod(r: Reader, seed: int, node_name: str, model: GpuModel) -> PodSpec
     owner.done()
     labels = r.str_map("labels")
     annotations = r.str_map("annotations")
+    mark = r.mark()
     start = r.duration("start", 0.0, positive=False)
     end = r.duration("end", None)
+    times_ok = r.ok_since(mark)
     containers = []
     for cr in r.items("containers"):
         cname = cr.str("name", "main")
         gpus = cr.number("gpus", 0, integer=True, minimum=0, maximum=16)
-        mig_map = cr.mapping("mig")
         mig = []
-        for prof, n in mig_map.items():
-            if model.mig_profile(str(prof)) is None:
-                raise cr.error(f"mig.{prof}", f"a MIG profile of {model.key}", prof)
+        for prof, n in cr.mapping("mig").items():
+            if model is not None and model.mig_profile(str(prof)) is None:
+                cr.problem(f"mig.{prof}", f"a MIG profile of {model.key}", prof,
+                           hint=did_you_mean(prof, [p.name for p in model.mig_profiles]))
+                continue
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise cr.error(f"mig.{prof}", "a positive integer count", n)
+                cr.problem(f"mig.{prof}", "a positive integer count", n)
+                continue
             mig.append((str(prof), n))
         devices = cr.list("devices", [])
         if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices):
-            raise cr.error("devices", "a list of GPU indices", devices)
+            cr.problem("devices", "a list of GPU indices", devices)
+            devices = []
         shares = []
         for sr in cr.items("shares"):
             shares.append((sr.number("gpu", integer=True, minimum=0, maximum=15),
@@ -416,7 +452,7 @@ def _parse_pod(r: Reader, seed: int, node_name: str, model: GpuModel) -> PodSpec
         mem = cr.size("memory", None)
         cr.done()
         if shares and gpus:
-            raise cr.error("shares", "either gpus (first-fit) or shares (pinned), not both", [list(x) for x in shares])
+            cr.problem("shares", "either gpus (first-fit) or shares (pinned), not both", [list(x) for x in shares])
         containers.append(ContainerSpec(cname, gpus, tuple(mig), tuple(devices), load, mem, tuple(shares)))
     inf = None
     if r.has("inference"):
@@ -433,16 +469,23 @@ def _parse_pod(r: Reader, seed: int, node_name: str, model: GpuModel) -> PodSpec
             old_names=ir.bool("old_metric_names", False),
         )
         ir.done()
+    else:
+        r.raw("inference", None)  # a known key, also when absent (for "did you mean")
     r.done()
-    if end is not None and end <= start:
-        raise r.error("end", "a time after start", end)
+    if times_ok and end is not None and end <= start:
+        r.problem("end", "a time after start", end)
     return PodSpec(ns, name, uid, kind, owner_name, tuple(sorted(labels.items())),
                    tuple(sorted(annotations.items())), tuple(containers), inf, start, end)
 
 
 def _parse_fault(r: Reader, count: int) -> FaultSpec:
+    mark = r.mark()
     kind = r.str("kind", choices=FAULT_KINDS)
+    if not r.ok_since(mark):
+        r.ignore_rest()  # which keys belong here depends on the kind
+        return FaultSpec(kind="gpu_lost")
     kw: dict[str, Any] = {"kind": kind, "at": r.duration("at", 0.0, positive=False), "until": r.duration("until", None)}
+    times_ok = r.ok_since(mark)
     if kind in ("gpu_lost", "xid", "not_supported"):
         gpu = r.raw("gpu", "all")
         if gpu != "all":
@@ -457,8 +500,8 @@ def _parse_fault(r: Reader, count: int) -> FaultSpec:
     if kind == "slow":
         kw["delay"] = r.duration("delay")
     r.done()
-    if kw["until"] is not None and kw["until"] <= kw["at"]:
-        raise r.error("until", "a time after 'at'", kw["until"])
+    if times_ok and kw["until"] is not None and kw["until"] <= kw["at"]:
+        r.problem("until", "a time after 'at'", kw["until"])
     return FaultSpec(**kw)
 
 
