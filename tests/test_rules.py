@@ -62,6 +62,16 @@ tests:
         values: '6.88x150'
       - series: 'gpucap_gpu_idle_reserved_seconds{{node="n1",gpu="0",uuid="GPU-a",namespace="ml",pod="nb-0",container="c",workload_kind="StatefulSet",workload="nb",team="research"}}'
         values: '1800+60x150'
+      # node n2's L4 is unknown for 9 minutes (kubelet reading stale), then known again
+      - series: 'gpucap_gpu_state{{node="n2",gpu="0",uuid="GPU-u",model="NVIDIA L4",state="unknown"}}'
+        values: '0x5 1x9 0x136'
+      - series: 'gpucap_unknown_cost_dollars_per_hour{{node="n2",gpu="0",uuid="GPU-u",model="NVIDIA L4"}}'
+        values: '0x5 0.8x9 0x136'
+      # GPU 5 is lost from minute 60 and no pod holds it
+      - series: 'gpucap_gpu_up{{node="n1",gpu="5",uuid="GPU-ddd5",model="NVIDIA H100 80GB HBM3"}}'
+        values: '1x59 0x91'
+      - series: 'gpucap_lost_cost_dollars_per_hour{{node="n1",gpu="5",uuid="GPU-ddd5",model="NVIDIA H100 80GB HBM3"}}'
+        values: '0x59 6.88x91'
     alert_rule_test:
 {case}
 """
@@ -84,6 +94,31 @@ BROKEN_EXPECTATIONS = {
               summary: 'ml/nb holds idle reserved GPUs costing $6.00/h'
               description: 'StatefulSet ml/nb (team "research") holds 1 idle reserved GPU unit(s), idle for 2h 0m 0s at $6.88/h ($5022/month). Release the GPUs or scale the workload down.'
 """,
+    # unknown for 9 minutes is a stale reading that came back, not a page
+    "units unknown for less than the hold time": """
+      - eval_time: 15m
+        alertname: GpucapUnitsUnknown
+        exp_alerts:
+          - exp_labels: {severity: warning, node: n2}
+""",
+    # a lost GPU nobody holds has no holder to blame: naming one must fail
+    "a holder named for an unheld lost GPU": """
+      - eval_time: 70m
+        alertname: GpucapGpuLost
+        exp_alerts:
+          - exp_labels: {severity: critical, node: n1, gpu: "5", uuid: GPU-ddd5, model: NVIDIA H100 80GB HBM3}
+            exp_annotations:
+              summary: 'GPU 5 on node n1 is lost'
+              description: 'NVML reports GPU 5 (GPU-ddd5, NVIDIA H100 80GB HBM3) on node n1 as lost ($6.88/h). Held by ml/nb-0 (StatefulSet nb, team "research", $6.88/h): the holders keep paying for a GPU that cannot run, and that spend is waste. Cordon and drain the node; the GPU usually needs a reset or the node a reboot.'
+""",
+}
+
+# How each broken case above is right: it fails only because of what it gets wrong.
+FIXES = {
+    "wrong $/h in the annotation": ("$6.00/h'", "$6.88/h'"),
+    "a holder named for an unheld lost GPU": (
+        ('Held by ml/nb-0 (StatefulSet nb, team "research", $6.88/h): the holders keep paying for a GPU that '
+         'cannot run, and that spend is waste.'), "No pod holds it."),
 }
 
 
@@ -98,9 +133,12 @@ def test_a_wrong_expectation_fails(tmp_path: Path, name: str) -> None:
 
 
 @needs_promtool
-def test_the_broken_case_is_right_once_fixed(tmp_path: Path) -> None:
-    """The annotation case above fails only because of the figure: with $6.88 it passes."""
-    case = BROKEN_EXPECTATIONS["wrong $/h in the annotation"].replace("$6.00/h'", "$6.88/h'")
+@pytest.mark.parametrize("name", sorted(FIXES))
+def test_the_broken_case_is_right_once_fixed(tmp_path: Path, name: str) -> None:
+    """The annotation cases above fail only because of what they get wrong (the figure, the holder)."""
+    old, new = FIXES[name]
+    assert old in BROKEN_EXPECTATIONS[name]
+    case = BROKEN_EXPECTATIONS[name].replace(old, new)
     path = tmp_path / "fixed.test.yaml"
     path.write_text(BLIP.format(rules=RULES, case=case))
     result = run_promtool("test", "rules", str(path))
