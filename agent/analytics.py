@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from agent.config import IdleConfig, SaturationConfig
-from agent.model import InferenceView, Owner, UnitRow, UnitView
+from agent.model import NO_OWNER, InferenceView, Owner, UnitRow, UnitView
 
 
 def unit_key(row: UnitRow) -> tuple[str, str]:
@@ -25,7 +25,10 @@ class _UnitTrack:
 
 
 class IdleTracker:
-    """active / idle_reserved / unallocated per unit (DESIGN §4)."""
+    """The state of every unit (DESIGN §4): lost, unknown, unallocated, idle_reserved or active.
+
+    `now` is the monotonic clock: a wall-clock step neither ends nor lengthens an idle streak.
+    """
 
     def __init__(self, cfg: IdleConfig):
         self.cfg = cfg
@@ -38,7 +41,11 @@ class IdleTracker:
             key = unit_key(row)
             prev = self._tracks.get(key)
             streak = prev.streak_start if prev else None
-            if not row.allocated:
+            if row.lost:
+                state, streak = "lost", None  # waste whoever holds it, never activity
+            elif not row.device_fresh or not row.holders_known:
+                state, streak = "unknown", None  # no fresh evidence: neither free, busy nor idle
+            elif not row.allocated:
                 state, streak = "unallocated", None
             else:
                 act = row.activity
@@ -56,9 +63,15 @@ class IdleTracker:
 
 class CostLedger:
     """Accrues price × time per (unit, owner, state); the interval (last, now] is charged at the
-    state and price observed at `last`, so a change is never charged backwards."""
+    state and price observed at `last`, so a change is never charged backwards.
 
-    def __init__(self) -> None:
+    `now` is the monotonic clock, so a wall-clock step never charges or skips money. An interval
+    longer than `max_gap` (the agent stalled, or the process was suspended) had no evidence at all:
+    it is charged to the unit as `unknown` with no owner, not as the last state.
+    """
+
+    def __init__(self, max_gap: float = float("inf")) -> None:
+        self.max_gap = max_gap
         self._last: float | None = None
         self._prev: list[tuple[tuple[str, ...], Owner, str, float]] = []
         self.totals: dict[tuple[tuple[str, ...], Owner, str], float] = defaultdict(float)
@@ -67,9 +80,14 @@ class CostLedger:
 
     def update(self, views: Sequence[UnitView], node: str, now: float) -> None:
         if self._last is not None and now > self._last:
-            hours = (now - self._last) / 3600.0
+            elapsed = now - self._last
+            hours = elapsed / 3600.0
+            gap = elapsed > self.max_gap
             for labels, owner, state, hourly in self._prev:
                 dollars = hourly * hours
+                if gap:
+                    self.totals[(labels, NO_OWNER, "unknown")] += dollars
+                    continue
                 self.totals[(labels, owner, state)] += dollars
                 if owner.pod:
                     self.by_pod[owner.pod_uid or f"{owner.namespace}/{owner.pod}"] += dollars
@@ -77,8 +95,11 @@ class CostLedger:
             self._last = now
             self._prev = [(v.row.unit_labels(node), v.row.owner, v.state, v.row.hourly_price) for v in views]
         live = {(labels, owner) for labels, owner, _, _ in self._prev}
-        # series of units/pods that are gone disappear (their dollars stay in the history)
-        for k in [k for k in self.totals if (k[0], k[1]) not in live]:
+        live_units = {labels for labels, _, _, _ in self._prev}
+        # series of units/pods that are gone disappear (their dollars stay in the history); a unit's
+        # owner-less series (free, or unknown holder) lives as long as the unit
+        for k in [k for k in self.totals
+                  if (k[0], k[1]) not in live and not (k[1] == NO_OWNER and k[0] in live_units)]:
             del self.totals[k]
 
     def rows(self) -> list[tuple[tuple[str, ...], Owner, str, float]]:
@@ -101,7 +122,13 @@ class _Point:
 
 class OutcomeTracker:
     """Per (pod, server, model): saturation over its window and cost per successful outcome over a
-    sliding window. No successes in the window → no figure (absent, never 0 or infinity)."""
+    sliding window. No successes in the window → no figure (absent, never 0 or infinity).
+
+    No dollar is counted twice (DESIGN §4): a pod's GPU cost is split evenly between the servers
+    (target URLs) it runs, and a server's share between its models by generated tokens in the window
+    (else successful requests, else evenly). A pod that holds no GPU gets no cost at all.
+    `now` is the monotonic clock.
+    """
 
     def __init__(self, window: float, sat: SaturationConfig):
         self.window = window
@@ -113,10 +140,8 @@ class OutcomeTracker:
         keep = max(self.window, self.sat.window)
         live = set()
         rows = []
-        pod_succ: dict[str, float] = defaultdict(float)
-        pod_tok: dict[str, float] = defaultdict(float)
         for s, owner in zip(stats, owners):
-            pod_key = owner.pod_uid or f"{owner.namespace}/{owner.pod}"
+            pod_key = _pod_key(owner)
             key = (pod_key, s.server, s.model, s.url)
             live.add(key)
             pts = self._points.setdefault(key, deque())
@@ -125,20 +150,19 @@ class OutcomeTracker:
             while len(pts) > 2 and pts[1].t <= now - keep:
                 pts.popleft()
             first, last = _at_or_before(pts, now - self.window), pts[-1]
-            pod_succ[pod_key] += max(0.0, last.successes - first.successes)
-            pod_tok[pod_key] += max(0.0, last.tokens - first.tokens)
             rows.append((s, owner, pod_key, pts, first, last))
+        fractions = _cost_fractions(rows)
         out = []
-        for s, owner, pod_key, pts, first, last in rows:
-            # a pod serving several models: its cost is split by each model's share of the outcomes,
-            # so every model of the pod shows the pod's cost per outcome and nothing is counted twice
-            d_cost = last.cost - first.cost
+        for (s, owner, pod_key, pts, first, last), frac in zip(rows, fractions):
             span = last.t - first.t
-            succ, tok = pod_succ[pod_key], pod_tok[pod_key]
+            has_gpu = bool(owner.pod) and (pod_key in pod_hourly or last.cost > first.cost)
+            window_cost = (last.cost - first.cost) * frac if has_gpu else None
             own_succ = last.successes - first.successes
             own_tok = last.tokens - first.tokens
-            per_1k = d_cost / succ * 1000.0 if own_succ > 0 and span > 0 else None
-            per_m = d_cost / tok * 1e6 if own_tok > 0 and span > 0 else None
+            per_1k = per_m = None
+            if window_cost is not None and span > 0:
+                per_1k = window_cost / own_succ * 1000.0 if own_succ > 0 else None
+                per_m = window_cost / own_tok * 1e6 if own_tok > 0 else None
             sat_pts = [p for p in pts if p.t > now - self.sat.window] or [last]
             queued = sum(1 for p in sat_pts if p.queue > 0) / len(sat_pts)
             reasons = []
@@ -164,11 +188,40 @@ class OutcomeTracker:
                 generated_tokens_per_second=tok_rate, successful_requests_per_second=succ_rate,
                 saturated=bool(reasons), saturation_reason=",".join(reasons),
                 cost_per_1k_successful_requests=per_1k, cost_per_million_generated_tokens=per_m,
-                hourly_cost=pod_hourly.get(pod_key, 0.0),
+                hourly_cost=pod_hourly.get(pod_key, 0.0) * frac if has_gpu else 0.0,
+                window_cost=window_cost,
             ))
         for k in [k for k in self._points if k not in live]:
             del self._points[k]
         return out
+
+
+def _pod_key(owner: Owner) -> str:
+    return owner.pod_uid or f"{owner.namespace}/{owner.pod}"
+
+
+def _cost_fractions(rows: Sequence[tuple]) -> list[float]:
+    """Each entry's share of its pod's cost: 1/servers of the pod × the model's share of its server."""
+    servers: dict[str, set[str]] = defaultdict(set)
+    tokens: dict[tuple[str, str], float] = defaultdict(float)
+    succ: dict[tuple[str, str], float] = defaultdict(float)
+    models: dict[tuple[str, str], int] = defaultdict(int)
+    for s, _owner, pod_key, _pts, first, last in rows:
+        servers[pod_key].add(s.url)
+        tokens[(pod_key, s.url)] += max(0.0, last.tokens - first.tokens)
+        succ[(pod_key, s.url)] += max(0.0, last.successes - first.successes)
+        models[(pod_key, s.url)] += 1
+    out = []
+    for s, _owner, pod_key, _pts, first, last in rows:
+        server = (pod_key, s.url)
+        if tokens[server] > 0:
+            model_frac = max(0.0, last.tokens - first.tokens) / tokens[server]
+        elif succ[server] > 0:
+            model_frac = max(0.0, last.successes - first.successes) / succ[server]
+        else:
+            model_frac = 1.0 / models[server]
+        out.append(model_frac / len(servers[pod_key]))
+    return out
 
 
 def _at_or_before(pts: deque[_Point], t: float) -> _Point:

@@ -82,6 +82,10 @@ class StateCollector:
                   ["node", "collector"])
         errs = _c("collector_errors", "Failures of a source by kind since the agent started",
                   ["node", "collector", "kind"])
+        age = _g("collector_data_age_seconds", "Age of the source's reading in use (absent: none fresh enough; "
+                 "a reading older than its max age is dropped)", ["node", "collector"])
+        skipped = _c("collector_skipped", "Items skipped inside a source or an evaluation stage, by reason",
+                     ["node", "collector", "reason"])
         for c in st.collectors:
             ok.add_metric([node, c.name], 1.0 if c.success else 0.0)
             dur.add_metric([node, c.name], c.duration)
@@ -89,6 +93,15 @@ class StateCollector:
                 last.add_metric([node, c.name], c.last_success)
             for kind, n in c.errors:
                 errs.add_metric([node, c.name, kind], n)
+            if c.data_age is not None:
+                age.add_metric([node, c.name], c.data_age)
+            for reason, n in c.skipped:
+                skipped.add_metric([node, c.name, reason], n)
+        for stage, reason, n in st.skipped:
+            skipped.add_metric([node, stage, reason], n)
+        evaluation = _g("evaluation_success", "1 if the last evaluation ran (0: only source status is served)",
+                        ["node"])
+        evaluation.add_metric([node], 1.0 if st.evaluation_success else 0.0)
         stale = _g("kubernetes_metadata_stale", "1 while pod metadata is the last known (API server unreachable)",
                    ["node"])
         stale.add_metric([node], 1.0 if st.node.stale else 0.0)
@@ -98,7 +111,7 @@ class StateCollector:
         unknown_dev = _g("podresources_unmatched_devices", "Kubelet device IDs that match no NVML device",
                          ["node"])
         unknown_dev.add_metric([node], st.attribution.unknown_devices)
-        yield from (ok, dur, last, errs, stale, unknown, unknown_dev)
+        yield from (ok, dur, last, errs, age, skipped, evaluation, stale, unknown, unknown_dev)
 
     # --- devices --------------------------------------------------------------------------
     def _devices(self, st: AgentState) -> Iterator[Metric]:
@@ -140,14 +153,22 @@ class StateCollector:
         alloc = _g("gpu_allocation_ratio", "Share of the device a container holds (1 whole unit, 1/replicas a share)", uo)
         price = _g("gpu_hourly_price_dollars", "Hourly price of the unit",
                    ul + ("instance_type", "capacity_type", "price_source"))
-        state = _g("gpu_state", "1 for the unit's current state: active, idle_reserved or unallocated",
-                   uo + ("state",))
+        state = _g("gpu_state", "1 for the unit's current state: active, idle_reserved, lost, unallocated or "
+                   "unknown", uo + ("state",))
         idle_s = _g("gpu_idle_reserved_seconds", "Length of the current idle streak of an allocated unit", uo)
         activity = _g("unit_activity_ratio", "Activity used for idle detection (SM active, else utilization; "
                       "a share: its pod's processes)", uo)
+        share_act = _g("gpu_share_device_activity_ratio", "A time-sliced share's pod's fraction of the whole "
+                       "device's activity (unit_activity_ratio is relative to the share's entitlement)", uo)
         idle_cost = _g("idle_reserved_cost_dollars_per_hour", "Hourly price of units held by pods and idle", uo)
-        alloc_cost = _g("allocated_cost_dollars_per_hour", "Hourly price of units held by pods (active or idle)", uo)
-        unalloc_cost = _g("unallocated_cost_dollars_per_hour", "Hourly price of units no pod holds", ul)
+        alloc_cost = _g("allocated_cost_dollars_per_hour", "Hourly price of units held by pods (active, idle "
+                        "reserved, or lost)", uo)
+        unalloc_cost = _g("unallocated_cost_dollars_per_hour", "Hourly price of units no pod holds (known from a "
+                          "fresh kubelet reading)", ul)
+        lost_cost = _g("lost_cost_dollars_per_hour", "Hourly price of lost units (NVML: GPU lost or failing), "
+                       "with their holder if a pod holds them", uo)
+        unknown_cost = _g("unknown_cost_dollars_per_hour", "Hourly price of units whose holder or activity is "
+                          "not known now (kubelet or NVML reading missing or too old)", uo)
         cost = _c("cost_dollars", "Dollars accrued by the unit in each state while the agent ran", uo + ("state",))
         for v in st.units:
             r = v.row
@@ -158,13 +179,17 @@ class StateCollector:
             price.add_metric(u + [r.instance_type, r.capacity_type, r.price_source], r.hourly_price)
             for s in STATES:
                 state.add_metric(u + o + [s], 1.0 if v.state == s else 0.0)
-            if r.allocated:
+            if r.allocated and v.state in ("active", "idle_reserved"):
                 idle_s.add_metric(u + o, v.idle_seconds)
             if r.activity is not None:
                 activity.add_metric(u + o, r.activity)
+            if r.device_activity is not None:
+                share_act.add_metric(u + o, r.device_activity)
             idle_cost.add_metric(u + o, r.hourly_price if v.state == "idle_reserved" else 0.0)
-            alloc_cost.add_metric(u + o, r.hourly_price if r.allocated else 0.0)
-            unalloc_cost.add_metric(u, r.hourly_price if not r.allocated else 0.0)
+            alloc_cost.add_metric(u + o, r.hourly_price if r.allocated and v.state != "unknown" else 0.0)
+            unalloc_cost.add_metric(u, r.hourly_price if v.state == "unallocated" else 0.0)
+            lost_cost.add_metric(u + o, r.hourly_price if v.state == "lost" else 0.0)
+            unknown_cost.add_metric(u + o, r.hourly_price if v.state == "unknown" else 0.0)
         for labels, owner, s, dollars in st.costs:
             cost.add_metric(list(labels) + list(owner.labels()) + [s], dollars)
         pod = _g("pod_info", "Pods on the node with their workload and team (join with group_left)",
@@ -179,7 +204,8 @@ class StateCollector:
             extra = dict(p.extra_labels)
             pod.add_metric([node, o.namespace, o.pod, o.workload_kind, o.workload, o.team]
                            + [extra.get(k, "") for k in extra_keys], 1)
-        yield from (alloc, price, state, idle_s, activity, idle_cost, alloc_cost, unalloc_cost, cost, pod)
+        yield from (alloc, price, state, idle_s, activity, share_act, idle_cost, alloc_cost, unalloc_cost,
+                    lost_cost, unknown_cost, cost, pod)
 
     # --- time-sliced sharing --------------------------------------------------------------
     def _sharing(self, st: AgentState) -> Iterator[Metric]:
@@ -230,6 +256,9 @@ class StateCollector:
                       "GPU cost of the workload per 1000 successful requests over the outcome window", L),
             "p1m": _g("cost_per_million_generated_tokens_dollars",
                       "GPU cost of the workload per million generated tokens over the outcome window", L),
+            "win": _g("inference_window_cost_dollars",
+                      "GPU dollars attributed to the server and model over the outcome window (its share of the "
+                      "pod's units; absent when the pod holds no GPU)", L),
         }
         for v in st.inference:
             labels = [node, *v.owner.labels(), v.server, v.model]
@@ -239,7 +268,7 @@ class StateCollector:
                              ("prompt", v.prompt_tokens_total), ("tps", v.generated_tokens_per_second),
                              ("rps", v.successful_requests_per_second),
                              ("p1k", v.cost_per_1k_successful_requests),
-                             ("p1m", v.cost_per_million_generated_tokens)):
+                             ("p1m", v.cost_per_million_generated_tokens), ("win", v.window_cost)):
                 if val is not None:
                     fams[key].add_metric(labels, val)
             fams["sat"].add_metric(labels, 1.0 if v.saturated else 0.0)

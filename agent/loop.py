@@ -4,6 +4,11 @@ Each collector runs on its own thread through a one-slot executor: a call that o
 timeout is reported as failed (`timeout`) and no second call is started while it still hangs, so
 one stuck source can never pile up threads or delay the others. Scrapes only read `state`.
 In simulation (and tests) `run_until` drives the same code synchronously over simulated time.
+
+Every evaluation gets a `Snapshot`: each source's value only while it is younger than the
+source's max age (older readings are dropped, never served as current), with its status and skip
+counts. A collector that needs another's reading (processes needs NVML's pids, inference needs
+the pods) declares it in `needs` and gets the fresh value passed in.
 """
 
 from __future__ import annotations
@@ -12,19 +17,19 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.model import AgentState, CollectorStatus
-from collectors.base import Collector, SourceError, SourceUnavailable
 from agent.clock import Clock
+from agent.model import SNAPSHOT_SOURCES, AgentState, CollectorStatus, Snapshot, SourceReading
+from collectors.base import Collector, SourceError, SourceUnavailable
 
 log = logging.getLogger("gpucap.loop")
 
-MAX_BACKOFF = 300.0
+MAX_BACKOFF = 60.0  # an unreachable source is retried at least once a minute: it comes back quickly
 
 
 @dataclass
@@ -32,41 +37,75 @@ class Source:
     collector: Collector
     interval: float
     timeout: float
+    max_age: float = 0.0  # 0: 3× the interval
+    enabled: bool = True
     value: Any = None
-    at: float | None = None
+    at: float | None = None  # wall time of the value
+    at_mono: float | None = None  # monotonic time of the value (freshness is judged on this)
     success: bool = False
     duration: float = 0.0
     last_success: float | None = None
     last_error: str = ""
+    last_kind: str = ""
+    failing_since: float | None = None
     errors: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
     failures: int = 0
-    next_due: float = 0.0
+    next_due: float = 0.0  # monotonic
     _future: Future | None = None
     _executor: ThreadPoolExecutor | None = None
     _last_log: float = -1e18
+
+    def __post_init__(self) -> None:
+        if self.max_age <= 0:
+            self.max_age = 3.0 * self.interval
 
     @property
     def name(self) -> str:
         return self.collector.name
 
-    def status(self) -> CollectorStatus:
+    @property
+    def needs(self) -> tuple[str, ...]:
+        return tuple(getattr(self.collector, "needs", ()) or ())
+
+    def age(self, mono: float) -> float | None:
+        return None if self.at_mono is None else max(0.0, mono - self.at_mono)
+
+    def fresh_value(self, mono: float) -> Any:
+        age = self.age(mono)
+        return self.value if age is not None and age <= self.max_age else None
+
+    def status(self, mono: float) -> CollectorStatus:
         extra = getattr(self.collector, "errors_total", None)
         errs = Counter(self.errors)
         if isinstance(extra, dict):
             for k, v in extra.items():
                 errs[k if isinstance(k, str) else (k[1] if isinstance(k, tuple) and len(k) > 1 else str(k))] += v
-        return CollectorStatus(self.name, self.success, self.duration, self.last_success, self.last_error,
-                               tuple(sorted(errs.items())))
+        age = self.age(mono)
+        return CollectorStatus(
+            self.name, self.success, self.duration, self.last_success, self.last_error,
+            tuple(sorted(errs.items())), enabled=self.enabled,
+            data_age=age if age is not None and age <= self.max_age else None, max_age=self.max_age,
+            skipped=tuple(sorted(self.skipped.items())), last_error_kind=self.last_kind,
+            failing_since=self.failing_since,
+        )
+
+    def reading(self, mono: float) -> SourceReading[Any]:
+        value = self.fresh_value(mono)
+        return SourceReading(self.status(mono), value, self.at if value is not None else None,
+                             expired=value is None and self.value is not None)
 
 
-Evaluate = Callable[[dict[str, Any], list[CollectorStatus], float], AgentState]
+Evaluate = Callable[[Snapshot], AgentState]
 
 
 class Agent:
     def __init__(self, sources: list[Source], evaluate: Evaluate, clock: Clock, *,
-                 on_state: Callable[[AgentState], None] | None = None):
+                 on_state: Callable[[AgentState], None] | None = None,
+                 fallback: Callable[[Snapshot, BaseException], AgentState] | None = None):
         self.sources = {s.name: s for s in sources}
         self.evaluate = evaluate
+        self.fallback = fallback
         self.clock = clock
         self.on_state = on_state
         self.state: AgentState | None = None
@@ -75,15 +114,24 @@ class Agent:
         self._dirty = threading.Event()
         self._threads: list[threading.Thread] = []
         self.evaluations = 0
+        self.evaluation_errors = 0
         self.last_evaluation_real = 0.0
+        self._last_eval_error = ""
 
     # --- one collection --------------------------------------------------------------------
-    def _record(self, s: Source, now: float, value: Any = None, error: BaseException | None = None,
+    def _record(self, s: Source, now: float, mono: float, value: Any = None, error: BaseException | None = None,
                 duration: float = 0.0, kind: str = "") -> None:
         s.duration = duration
         if error is None:
-            s.value, s.at, s.success, s.last_success, s.last_error, s.failures = value, now, True, now, "", 0
-            s.next_due = now + s.interval
+            if s.failing_since is not None:
+                log.info("collector %s recovered", s.name, extra={"collector": s.name})
+            s.value, s.at, s.at_mono, s.success, s.last_success = value, now, mono, True, now
+            s.last_error, s.last_kind, s.failures, s.failing_since = "", "", 0, None
+            s.next_due = mono + s.interval
+            skipped = getattr(value, "skipped_items", None)
+            if callable(skipped):
+                for reason, n in skipped():
+                    s.skipped[reason] += n
             return
         s.success = False
         s.failures += 1
@@ -91,8 +139,11 @@ class Agent:
                         else "error" if isinstance(error, SourceError) else "exception")
         s.errors[kind] += 1
         s.last_error = str(error) or type(error).__name__
+        s.last_kind = kind
+        if s.failing_since is None:
+            s.failing_since = now
         backoff = min(MAX_BACKOFF, s.interval * (2 ** min(s.failures - 1, 6))) if kind == "unavailable" else s.interval
-        s.next_due = now + backoff
+        s.next_due = mono + backoff
         # rate-limited: once a minute of real time per source, with the collector named
         real = time.monotonic()
         if real - s._last_log >= 60.0 or s.failures == 1:
@@ -101,46 +152,76 @@ class Agent:
             log.warning("collector %s failed (%s): %s", s.name, kind, s.last_error,
                         extra={"collector": s.name}, exc_info=exc_info)
 
-    def collect_now(self, s: Source, now: float) -> None:
+    def _inputs(self, s: Source, mono: float) -> Mapping[str, Any] | None:
+        if not s.needs:
+            return None
+        return {n: (self.sources[n].fresh_value(mono) if n in self.sources else None) for n in s.needs}
+
+    def _call(self, s: Source, now: float, mono: float) -> Any:
+        inputs = self._inputs(s, mono)
+        return s.collector.collect(now) if inputs is None else s.collector.collect(now, inputs)
+
+    def collect_now(self, s: Source, now: float, mono: float | None = None) -> None:
         """Synchronous collection (snapshot, simulation fast-forward, tests): no timeout thread."""
+        mono = self.clock.monotonic() if mono is None else mono
         t0 = time.perf_counter()
         try:
-            value = s.collector.collect(now)
+            value = self._call(s, now, mono)
         except Exception as e:  # noqa: BLE001 - a source never takes the agent down
-            self._record(s, now, error=e, duration=time.perf_counter() - t0)
+            self._record(s, now, mono, error=e, duration=time.perf_counter() - t0)
         else:
-            self._record(s, now, value=value, duration=time.perf_counter() - t0)
+            self._record(s, now, mono, value=value, duration=time.perf_counter() - t0)
 
     def _collect_with_timeout(self, s: Source) -> None:
-        now = self.clock.now()
+        now, mono = self.clock.now(), self.clock.monotonic()
         if s._executor is None:
             s._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"gpucap-{s.name}")
         if s._future is not None and not s._future.done():
-            self._record(s, now, error=TimeoutError(f"previous call still running after {s.timeout:g}s"),
+            self._record(s, now, mono, error=TimeoutError(f"previous call still running after {s.timeout:g}s"),
                          kind="timeout", duration=s.timeout)
             return
         t0 = time.perf_counter()
-        s._future = s._executor.submit(s.collector.collect, now)
+        s._future = s._executor.submit(self._call, s, now, mono)
         try:
             value = s._future.result(timeout=s.timeout)
         except FutureTimeout:
-            self._record(s, now, error=TimeoutError(f"no answer within {s.timeout:g}s"), kind="timeout",
+            self._record(s, now, mono, error=TimeoutError(f"no answer within {s.timeout:g}s"), kind="timeout",
                          duration=time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001
-            self._record(s, now, error=e, duration=time.perf_counter() - t0)
+            self._record(s, now, mono, error=e, duration=time.perf_counter() - t0)
         else:
-            self._record(s, now, value=value, duration=time.perf_counter() - t0)
+            self._record(s, now, mono, value=value, duration=time.perf_counter() - t0)
         self._dirty.set()
 
     # --- evaluation ------------------------------------------------------------------------
-    def evaluate_now(self, now: float) -> AgentState:
+    def snapshot(self, now: float, mono: float) -> Snapshot:
+        readings = {name: s.reading(mono) for name, s in self.sources.items() if s.enabled}
+        known = {k: readings[k] for k in SNAPSHOT_SOURCES if k in readings}
+        others = tuple(r for k, r in readings.items() if k not in SNAPSHOT_SOURCES)
+        return Snapshot(time=now, mono=mono, others=others, **known)
+
+    def evaluate_now(self, now: float | None = None) -> AgentState:
         with self._lock:
-            values = {name: s.value for name, s in self.sources.items()}
-            statuses = [s.status() for s in self.sources.values()]
-            state = self.evaluate(values, statuses, now)
+            mono = self.clock.monotonic()
+            now = self.clock.now() if now is None else now
+            snap = self.snapshot(now, mono)
+            self.last_evaluation_real = time.monotonic()
+            try:
+                state = self.evaluate(snap)
+                if self._last_eval_error:
+                    log.info("evaluation succeeds again")
+                self._last_eval_error = ""
+            except Exception as e:
+                self.evaluation_errors += 1
+                cause = f"{type(e).__name__}: {e}"
+                if cause != self._last_eval_error:
+                    log.error("evaluation failed: %s", cause, exc_info=e)
+                self._last_eval_error = cause
+                if self.fallback is None:
+                    raise
+                state = self.fallback(snap, e)
             self.state = state
             self.evaluations += 1
-            self.last_evaluation_real = time.monotonic()
         if self.on_state is not None:
             try:
                 self.on_state(state)
@@ -148,15 +229,23 @@ class Agent:
                 log.exception("history write failed")
         return state
 
-    def step(self, now: float) -> AgentState:
-        """Run every due collector synchronously at `now`, then evaluate."""
+    def step(self, now: float | None = None) -> AgentState:
+        """Run every due collector synchronously, then evaluate."""
+        now = self.clock.now() if now is None else now
+        mono = self.clock.monotonic()
         for s in self.sources.values():
-            if now >= s.next_due:
-                self.collect_now(s, now)
+            if s.enabled and mono >= s.next_due:
+                self.collect_now(s, now, mono)
         return self.evaluate_now(now)
 
     def run_until(self, clock: Any, until: float, step: float) -> AgentState:
-        """Fast-forward a virtual SimClock to `until` in `step`s (simulation: snapshot --at, recommend)."""
+        """Fast-forward a virtual SimClock to wall time `until` in `step`s (snapshot --at, recommend).
+
+        Stepping every `step` seconds is sampling as an agent whose interval is `step` would: the
+        evaluator is told, so an interval of `step` counts as observed, not as a gap."""
+        observe = getattr(self.evaluate, "observe_step", None)
+        if callable(observe):
+            observe(step)
         state = self.step(clock.now())
         while clock.now() + 1e-9 < until:
             clock.advance(min(step, until - clock.now()))
@@ -166,6 +255,8 @@ class Agent:
     # --- daemon ----------------------------------------------------------------------------
     def start(self) -> None:
         for s in self.sources.values():
+            if not s.enabled:
+                continue
             t = threading.Thread(target=self._source_loop, args=(s,), name=f"gpucap-loop-{s.name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -179,7 +270,7 @@ class Agent:
                 self._collect_with_timeout(s)
             except Exception:
                 log.exception("collector %s loop error", s.name)
-            wait = max(0.0, s.next_due - self.clock.now())
+            wait = max(0.0, s.next_due - self.clock.monotonic())
             speed = getattr(self.clock, "speed", 1.0) if getattr(self.clock, "realtime", True) else 1.0
             self._stop.wait(max(0.05, wait / max(speed, 1e-9)))
 
@@ -190,7 +281,7 @@ class Agent:
             if self._stop.is_set():
                 return
             try:
-                self.evaluate_now(self.clock.now())
+                self.evaluate_now()
             except Exception:
                 log.exception("evaluation failed")
             self._stop.wait(0.2)

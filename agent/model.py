@@ -6,13 +6,21 @@ Collector outputs are defined next to their collectors (`collectors.*`); these a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from collectors.nvml import DeviceSample
+from collectors.inference import InferenceReading
+from collectors.kubernetes import KubeMetadata
+from collectors.nvml import DeviceSample, NvmlReading
+from collectors.podresources import PodResourcesReading
+from collectors.processes import ProcessOwners
+
+T = TypeVar("T")
 
 UNIT_LABELS = ("node", "gpu", "gpu_instance", "mig_profile", "uuid", "model")
 OWNER_LABELS = ("namespace", "pod", "container", "workload_kind", "workload", "team")
-STATES = ("active", "idle_reserved", "unallocated")
+# DESIGN §4: exactly one per unit at a time. lost beats unknown beats the rest: a GPU NVML calls lost is
+# waste whoever holds it; a unit whose holder or activity has no fresh evidence is never free or busy.
+STATES = ("active", "idle_reserved", "lost", "unallocated", "unknown")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +76,13 @@ class UnitRow:
     replica: int | None = None
     replicas: int = 1
     processes: int = 0
+    device_activity: float | None = None  # shares: the pod's fraction of the whole device
+    device_fresh: bool = True  # False: NVML's reading expired; the unit is known from the last inventory
+    holders_known: bool = True  # False: no fresh kubelet reading; allocations are empty because unknown
+
+    @property
+    def lost(self) -> bool:
+        return self.device_fresh and not self.up
 
     @property
     def owner(self) -> Owner:
@@ -110,6 +125,8 @@ class Attribution:
     unattributed: tuple[tuple[int, str, float, int], ...] = ()  # (gpu, device uuid, activity, memory bytes)
     foreign: tuple[ForeignUse, ...] = ()
     unknown_devices: int = 0
+    skipped: tuple[tuple[str, int], ...] = ()  # (reason, count) this evaluation
+    replicas: tuple[tuple[str, int], ...] = ()  # (device uuid, replicas) of time-sliced GPUs in use
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +156,8 @@ class InferenceView:
     cost_per_1k_successful_requests: float | None
     cost_per_million_generated_tokens: float | None
     hourly_cost: float
+    window_cost: float | None = None  # GPU dollars of this entry over the outcome window; None: no GPU
+    target_error: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +177,58 @@ class CollectorStatus:
     last_success: float | None
     last_error: str = ""
     errors: tuple[tuple[str, int], ...] = ()  # (kind, count since start)
+    enabled: bool = True
+    data_age: float | None = None  # seconds since the reading in use was taken; None: none in use
+    max_age: float = 0.0
+    skipped: tuple[tuple[str, int], ...] = ()  # (reason, count since start)
+    last_error_kind: str = ""
+    failing_since: float | None = None  # wall time of the first failure of the current streak
+
+
+@dataclass(frozen=True, slots=True)
+class SourceReading(Generic[T]):
+    """One source as the evaluation sees it: its value only while it is fresh (DESIGN §4 Freshness)."""
+
+    status: CollectorStatus
+    value: T | None = None  # None: never read, or older than the source's max age (dropped)
+    at: float | None = None  # wall time the value was taken
+    expired: bool = False  # a value existed but is older than max age
+
+    @property
+    def fresh(self) -> bool:
+        return self.value is not None
+
+
+def _none(name: str) -> SourceReading[Any]:
+    return SourceReading(CollectorStatus(name, False, 0.0, None, "not configured", enabled=False))
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The loop's only output: every source's reading with its time, status and skip counts.
+
+    `time` is wall time (timestamps only); `mono` is the monotonic clock that money and idle streaks
+    are measured on, so a wall-clock step never charges or skips a dollar.
+    """
+
+    time: float
+    mono: float
+    nvml: SourceReading[NvmlReading] = field(default_factory=lambda: _none("nvml"))
+    podresources: SourceReading[PodResourcesReading] = field(default_factory=lambda: _none("podresources"))
+    kubernetes: SourceReading[KubeMetadata] = field(default_factory=lambda: _none("kubernetes"))
+    processes: SourceReading[ProcessOwners] = field(default_factory=lambda: _none("processes"))
+    inference: SourceReading[InferenceReading] = field(default_factory=lambda: _none("inference"))
+    others: tuple[SourceReading[Any], ...] = ()  # collectors the evaluation does not read (tests, plugins)
+
+    def readings(self) -> tuple[SourceReading[Any], ...]:
+        known = (self.nvml, self.podresources, self.kubernetes, self.processes, self.inference)
+        return tuple(r for r in known if r.status.enabled) + self.others
+
+    def statuses(self) -> tuple[CollectorStatus, ...]:
+        return tuple(r.status for r in self.readings())
+
+
+SNAPSHOT_SOURCES = ("nvml", "podresources", "kubernetes", "processes", "inference")
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,4 +251,7 @@ class AgentState:
     inference: tuple[InferenceView, ...]
     pods: tuple[PodInfo, ...]
     collectors: tuple[CollectorStatus, ...]
+    evaluation_success: bool = True
+    skipped: tuple[tuple[str, str, int], ...] = ()  # (stage, reason, count since start), e.g. attribution
+    mono: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)

@@ -6,7 +6,7 @@ import datetime as dt
 from collections import defaultdict
 from typing import Any
 
-from agent.model import AgentState, UnitView
+from agent.model import STATES, AgentState, UnitView
 
 HOURS_PER_MONTH = 730.0
 
@@ -25,7 +25,8 @@ def summary(st: AgentState) -> dict[str, Any]:
         if v.state == "idle_reserved":
             idle_by_team[v.row.owner.team or "(no team)"] += v.row.hourly_price
     total = sum(v.row.hourly_price for v in st.units)
-    allocated = by_state["active"] + by_state["idle_reserved"]
+    allocated = sum(v.row.hourly_price for v in st.units
+                    if v.row.allocated and v.state in ("active", "idle_reserved", "lost"))
     return {
         "units": len(st.units),
         "gpus": sum(1 for d in st.devices if not d.is_mig),
@@ -38,6 +39,12 @@ def summary(st: AgentState) -> dict[str, Any]:
         "idle_reserved_monthly_dollars": round(by_state["idle_reserved"] * HOURS_PER_MONTH, 2),
         "unallocated_units": count["unallocated"],
         "unallocated_hourly_dollars": round(by_state["unallocated"], 6),
+        "lost_units": count["lost"],
+        "lost_hourly_dollars": round(by_state["lost"], 6),
+        "unknown_units": count["unknown"],
+        "unknown_hourly_dollars": round(by_state["unknown"], 6),
+        "hourly_dollars_by_state": {k: round(by_state[k], 6) for k in STATES},
+        "evaluation_success": st.evaluation_success,
         "idle_reserved_hourly_dollars_by_team": {k: round(v, 6) for k, v in sorted(idle_by_team.items())},
         "saturated_servers": sum(1 for i in st.inference if i.saturated),
         "failing_collectors": sorted(c.name for c in st.collectors if not c.success),
@@ -49,7 +56,8 @@ def _unit_json(v: UnitView) -> dict[str, Any]:
     d = r.device
     return {
         "gpu": r.gpu, "gpu_instance": r.gpu_instance, "mig_profile": r.mig_profile, "uuid": r.uuid,
-        "kind": r.kind, "model": r.model, "up": r.up, "activity": r.activity,
+        "kind": r.kind, "model": r.model, "up": r.up if r.device_fresh else None, "activity": r.activity,
+        "device_activity": r.device_activity if r.kind == "share" else r.activity,
         "utilization": d.utilization if d else None, "sm_active": d.sm_active if d else None,
         "memory_used_bytes": r.memory_used_bytes, "memory_total_bytes": r.memory_total_bytes,
         "power_watts": d.power_watts if d and not d.is_mig else None,
@@ -100,12 +108,16 @@ def to_json(st: AgentState) -> dict[str, Any]:
              "successful_requests_total": i.successful_requests_total,
              "generated_tokens_total": i.generated_tokens_total,
              "hourly_cost_dollars": i.hourly_cost,
+             "window_cost_dollars": i.window_cost,
              "cost_per_1k_successful_requests_dollars": i.cost_per_1k_successful_requests,
              "cost_per_million_generated_tokens_dollars": i.cost_per_million_generated_tokens}
             for i in st.inference
         ],
         "collectors": [{"name": c.name, "success": c.success, "duration_seconds": c.duration,
-                        "last_error": c.last_error} for c in st.collectors],
+                        "last_error": c.last_error, "error_kind": c.last_error_kind,
+                        "failing_since": _rfc3339(c.failing_since) if c.failing_since is not None else None,
+                        "data_age_seconds": c.data_age, "max_age_seconds": c.max_age,
+                        "skipped": dict(c.skipped)} for c in st.collectors],
         "summary": summary(st),
     }
 
@@ -154,12 +166,14 @@ def to_table(st: AgentState) -> str:
             unit += "/free"
         o = r.owner
         d = r.device if r.kind != "mig_free" else None
-        act = "LOST" if not r.up else _pct(r.activity)
+        act = "LOST" if v.state == "lost" else _pct(r.activity)
         sm = "-" if d is None or d.sm_active is None else _pct(d.sm_active)
         util = "-" if d is None or d.utilization is None else _pct(d.utilization)
         p = power.get(r.device_uuid if r.kind != "mig" else (d.parent_uuid if d else ""))
-        if not r.up:
+        if v.state == "lost":
             state = "GPU LOST"
+        elif v.state == "unknown":
+            state = "unknown (no fresh data)"
         elif v.state == "idle_reserved":
             state = f"idle reserved {_dur(v.idle_seconds)}"
         elif v.state == "active" and _dur(v.idle_seconds):
@@ -197,6 +211,11 @@ def to_table(st: AgentState) -> str:
         (f"idle reserved: {_n(s['idle_reserved_units'], 'unit')}, ${s['idle_reserved_hourly_dollars']:.2f}/h, "
         f"${s['idle_reserved_monthly_dollars']:,.2f}/month"),
     ]
+    if s["lost_units"]:
+        out.append(f"lost: {_n(s['lost_units'], 'unit')}, ${s['lost_hourly_dollars']:.2f}/h still paid")
+    if s["unknown_units"]:
+        out.append(f"unknown: {_n(s['unknown_units'], 'unit')}, ${s['unknown_hourly_dollars']:.2f}/h "
+                   "(no fresh kubelet or NVML reading: who holds them or how busy they are is not known)")
     for team, v in s["idle_reserved_hourly_dollars_by_team"].items():
         out.append(f"  team {team}: ${v:.2f}/h idle reserved (${v * HOURS_PER_MONTH:,.2f}/month)")
     failing = [c for c in st.collectors if not c.success]

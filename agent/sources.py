@@ -1,21 +1,114 @@
-"""Builds the collectors for a real node or a simulated one, and the Agent that runs them."""
+"""The collector registry, and the Agent built from it for a real node or a simulated one.
+
+In the spirit of node_exporter's `registerCollector(name, defaultEnabled, factory)`: every source
+is registered once with its name, whether it runs by default, and a factory. The name is the key
+everywhere: config (`collectors.<name>.enabled`, `collectors.<name>.max_age`), logs, and
+`gpucap_collector_*{collector="<name>"}`.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agent.clock import Clock, WallClock
 from agent.config import Config
 from agent.loop import Agent, Source
 from agent.pipeline import Evaluator
+from collectors.base import Collector
 from collectors.inference import InferenceCollector, Target, targets_from_pod
 from collectors.nvml import NvmlCollector
 from collectors.podresources import PodResourcesCollector
 from collectors.processes import ProcessesCollector
-from agent.clock import Clock, WallClock
 
 log = logging.getLogger("gpucap.sources")
+
+
+@dataclass
+class BuildContext:
+    config: Config
+    node_name: str
+    nvml: Any  # a pynvml-compatible module
+    env: Any = None  # SimEnvironment when simulating
+
+
+@dataclass(frozen=True)
+class CollectorSpec:
+    name: str
+    default_enabled: bool
+    # → (collector, interval, timeout of one call)
+    factory: Callable[[BuildContext], tuple[Collector, float, float]]
+
+
+REGISTRY: dict[str, CollectorSpec] = {}
+
+
+def register(name: str, default_enabled: bool = True) -> Callable[[Callable], Callable]:
+    def deco(factory: Callable[[BuildContext], tuple[Collector, float, float]]) -> Callable:
+        REGISTRY[name] = CollectorSpec(name, default_enabled, factory)
+        return factory
+    return deco
+
+
+@register("nvml")
+def _nvml(ctx: BuildContext) -> tuple[Collector, float, float]:
+    c = ctx.config.nvml
+    return NvmlCollector(ctx.nvml), c.interval, c.timeout
+
+
+@register("podresources")
+def _podresources(ctx: BuildContext) -> tuple[Collector, float, float]:
+    k = ctx.config.kubelet
+    env = ctx.env
+    socket = env.kubelet_socket if env is not None and not k.explicit else k.socket
+    # List and GetAllocatableResources each get `timeout`: the loop allows both, plus a second
+    return PodResourcesCollector(socket, timeout=k.timeout), k.interval, 2 * k.timeout + 1.0
+
+
+@register("kubernetes")
+def _kubernetes(ctx: BuildContext) -> tuple[Collector, float, float]:
+    k = ctx.config.kubernetes
+    if ctx.env is not None:
+        return ctx.env.metadata, k.interval, 10.0
+    from collectors.kubernetes import KubernetesCollector
+
+    return (KubernetesCollector(ctx.node_name, k.team_label_keys, kubeconfig=k.kubeconfig or None,
+                                resync_seconds=k.resync), k.interval, 10.0)
+
+
+@register("processes")
+def _processes(ctx: BuildContext) -> tuple[Collector, float, float]:
+    procfs = ctx.env.procfs if ctx.env is not None else ctx.config.processes.procfs
+    return ProcessesCollector(procfs), ctx.config.nvml.interval, 5.0
+
+
+@register("inference")
+def _inference(ctx: BuildContext) -> tuple[Collector, float, float]:
+    c = ctx.config.inference
+    static = tuple(Target(t.url, t.namespace, t.pod, "static") for t in c.targets)
+    discover = c.discover
+
+    def targets(inputs: Mapping[str, Any]) -> list[Target]:
+        """Configured targets, plus the annotated pods of the latest fresh pod list (passed in)."""
+        out = list(static)
+        meta = inputs.get("kubernetes")
+        if discover and meta is not None:
+            for p in meta.pods:
+                t = targets_from_pod(p.namespace, p.name, p.pod_ip, dict(p.annotations))
+                if t is not None:
+                    out.append(t)
+        return out
+
+    return (InferenceCollector(targets, timeout=c.timeout, max_bytes=c.max_bytes), c.interval,
+            c.timeout + 1.0)
+
+
+def enabled(config: Config, name: str) -> bool:
+    """`collectors.<name>.enabled`; the older `kubernetes.enabled`/`processes.enabled` still switch off."""
+    legacy = {"kubernetes": config.kubernetes.enabled, "processes": config.processes.enabled}.get(name, True)
+    return REGISTRY[name].default_enabled and config.collector(name).enabled and legacy
 
 
 @dataclass
@@ -37,15 +130,15 @@ def build_runtime(config: Config, *, simulate: str | None = None, speed: float =
                   start: float | None = None, nvml_module: Any = None, on_state: Any = None) -> Runtime:
     env = None
     if simulate:
+        from collectors.simulated.clock import SimClock
         from collectors.simulated.environment import SimEnvironment
         from collectors.simulated.scenario import load_scenario
-
-        from collectors.simulated.clock import SimClock
 
         scenario = load_scenario(simulate)
         clock: Clock = SimClock(start=start, speed=speed, realtime=realtime)
         env = SimEnvironment(scenario, clock, kubelet=not config.kubelet.explicit,  # type: ignore[arg-type]
-                             team_label_keys=config.kubernetes.team_label_keys)
+                             team_label_keys=config.kubernetes.team_label_keys,
+                             resync_seconds=config.kubernetes.resync)
         node_name = config.node_name or scenario.node_name
         nvml = env.nvml
     else:
@@ -55,50 +148,19 @@ def build_runtime(config: Config, *, simulate: str | None = None, speed: float =
             import pynvml as nvml_module
         nvml = nvml_module
 
-    holder: dict[str, Agent] = {}
-
-    def latest(name: str) -> Any:
-        a = holder.get("agent")
-        return a.sources[name].value if a is not None and name in a.sources else None
-
-    def gpu_pids() -> list[int]:
-        reading = latest("nvml")
-        return [p.pid for d in reading.devices for p in d.processes] if reading is not None else []
-
-    static = tuple(Target(t.url, t.namespace, t.pod, "static") for t in config.inference.targets)
-
-    def targets() -> list[Target]:
-        out = list(static)
-        meta = latest("kubernetes")
-        if config.inference.discover and meta is not None:
-            for p in meta.pods:
-                t = targets_from_pod(p.namespace, p.name, p.pod_ip, dict(p.annotations))
-                if t is not None:
-                    out.append(t)
-        return out
-
-    socket = env.kubelet_socket if env is not None and not config.kubelet.explicit else config.kubelet.socket
-    sources = [
-        Source(NvmlCollector(nvml), config.nvml.interval, config.nvml.timeout),
-        Source(PodResourcesCollector(socket, timeout=config.kubelet.timeout), config.kubelet.interval,
-               config.kubelet.timeout + 1.0),
-    ]
-    if env is not None:
-        sources.append(Source(env.metadata, config.kubernetes.interval, 10.0))
-    elif config.kubernetes.enabled:
-        from collectors.kubernetes import KubernetesCollector
-
-        sources.append(Source(KubernetesCollector(node_name, config.kubernetes.team_label_keys,
-                                                  kubeconfig=config.kubernetes.kubeconfig or None,
-                                                  resync_seconds=config.kubernetes.resync),
-                              config.kubernetes.interval, 10.0))
-    if config.processes.enabled:
-        procfs = env.procfs if env is not None else config.processes.procfs
-        sources.append(Source(ProcessesCollector(gpu_pids, procfs), config.nvml.interval, 5.0))
-    sources.append(Source(InferenceCollector(targets, timeout=config.inference.timeout,
-                                             max_bytes=config.inference.max_bytes),
-                          config.inference.interval, config.inference.timeout + 1.0))
+    ctx = BuildContext(config, node_name, nvml, env)
+    sources = []
+    try:
+        for name, spec in REGISTRY.items():
+            if not enabled(config, name):
+                log.info("collector %s disabled in config", name, extra={"collector": name})
+                continue
+            collector, interval, timeout = spec.factory(ctx)
+            sources.append(Source(collector, interval, timeout, max_age=config.max_age(name, interval)))
+    except BaseException:
+        if env is not None:
+            env.close()
+        raise
     evaluator = Evaluator(config, node_name)
-    agent = Agent(sources, evaluator, clock, on_state=on_state)
-    holder["agent"] = agent
+    agent = Agent(sources, evaluator, clock, on_state=on_state, fallback=evaluator.fallback)
     return Runtime(agent, evaluator, clock, config, node_name, env)

@@ -21,6 +21,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from collectors.base import SourceError
@@ -311,10 +312,11 @@ class InferenceCollector:
     """Scrapes every target concurrently; the slowest target costs at most `timeout`, never more."""
 
     name = "inference"
+    needs = ("kubernetes",)  # pod annotations name the targets to discover
 
     def __init__(
         self,
-        targets_fn: Callable[[], Sequence[Target]],
+        targets_fn: Callable[[Mapping[str, Any]], Sequence[Target]],
         timeout: float = 2.0,
         max_bytes: int = 10 * 2**20,
         max_workers: int = 8,
@@ -339,9 +341,9 @@ class InferenceCollector:
         """Cumulative failed scrapes per (target url, error kind), for a `..._errors_total` counter."""
         return dict(self._errors_total)
 
-    def collect(self, now: float) -> InferenceReading:
+    def collect(self, now: float, inputs: Mapping[str, Any] | None = None) -> InferenceReading:
         try:
-            targets = _unique(self._targets_fn())
+            targets = _unique(self._targets_fn(inputs or {}))
         except Exception as exc:
             raise SourceError(SOURCE, f"listing targets failed: {exc}", exc) from exc
         if not targets:

@@ -6,8 +6,8 @@ after every collect (a deleted pod is gone at the next one), and leaves no threa
 babysit through reconnects and 410 Gone. Everything that changes rarely (the node,
 namespaces, ReplicaSets, Jobs) is cached and refetched at most every `resync_seconds`.
 
-The `kubernetes` package is imported lazily: the simulator and the GPU test machines
-use the value types and `build_metadata` without it.
+The `kubernetes` package is imported lazily: the value types and the pure functions work
+without it (GPU test machines), and the collector then reports the source unavailable.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from collectors.base import SourceError, SourceUnavailable
@@ -83,6 +83,11 @@ class KubeMetadata:
     stale: bool  # True: the API is unreachable and this is the last metadata that was fetched
     refreshed_at: float  # `now` of the collect that fetched this metadata
     skipped: int = 0  # malformed pod objects left out
+    lookup_errors: int = 0  # namespace/owner reads the API refused this refresh (owner or team unknown)
+
+    def skipped_items(self) -> tuple[tuple[str, int], ...]:
+        out = (("malformed_pod", self.skipped), ("lookup_failed", self.lookup_errors))
+        return tuple((k, n) for k, n in out if n)
 
     def pod_by_uid(self, uid: str) -> PodMeta | None:
         return next((p for p in self.pods if p.uid == uid), None)
@@ -179,13 +184,6 @@ def node_meta(name: str, labels: Mapping[str, str], annotations: Mapping[str, st
         gpu_product=labels.get(GPU_PRODUCT_LABEL, ""),
         sharing_strategy=labels.get(SHARING_STRATEGY_LABEL, ""),
     )
-
-
-def build_metadata(node_name: str, node_labels: Mapping[str, str], node_annotations: Mapping[str, str],
-                   pods: Sequence[PodMeta], now: float) -> KubeMetadata:
-    """For the simulator: the same value the collector returns, without any HTTP."""
-    return KubeMetadata(node=node_meta(node_name, node_labels, node_annotations), pods=tuple(pods),
-                        stale=False, refreshed_at=now)
 
 
 def _assemble(node: Mapping[str, Any], pods: Sequence[Mapping[str, Any]],
@@ -352,6 +350,7 @@ class KubernetesCollector:
             return None
 
     def _refresh(self, now: float) -> KubeMetadata:
+        lookup_errors = self.lookup_errors
         core, apps, batch = self._api()
         pod_list = self._get("list pods", core.list_pod_for_all_namespaces,
                              field_selector=f"spec.nodeName={self.node_name}", resource_version="0")
@@ -378,7 +377,7 @@ class KubernetesCollector:
                          lookup("Job", batch.read_namespaced_job), self.team_label_keys, now)
         for cache in (self._node, self._namespaces, self._owners):
             cache.prune(now)
-        return meta
+        return replace(meta, lookup_errors=self.lookup_errors - lookup_errors)
 
 
 def _stale(last: KubeMetadata) -> KubeMetadata:

@@ -49,6 +49,7 @@ class DeviceSample:
     parent_uuid: str = ""
     mig_enabled: bool = False
     pci_bus_id: str = ""
+    minor_number: int | None = None  # /dev/nvidia<minor>: what GKE's device plugin calls nvidia<N>
     sm_count: int | None = None
     compute_slices: int | None = None
     memory_slices: int | None = None
@@ -95,6 +96,10 @@ class NvmlReading:
         """What can be allocated: full GPUs and MIG instances (not MIG-enabled parents)."""
         return tuple(d for d in self.devices if not d.mig_enabled)
 
+    def skipped_items(self) -> tuple[tuple[str, int], ...]:
+        """(reason, count) of what this cycle left out: NVML calls that failed unexpectedly."""
+        return tuple((f"nvml_error:{fn}", n) for fn, n in self.field_errors)
+
 
 @dataclass
 class _CallStats:
@@ -110,6 +115,7 @@ class _Gpu:
     uuid: str = ""
     model: str = ""
     pci: str = ""
+    minor: int | None = None
     gpm: bool = False
     mig_enabled: bool = False
     proc_ts: int = 0
@@ -197,6 +203,8 @@ class NvmlCollector:
             g.model = _text(self._call("nvmlDeviceGetName", h))
             pci = self._opt("nvmlDeviceGetPciInfo", h)
             g.pci = _text(getattr(pci, "busId", "")) if pci is not None else ""
+            minor = self._opt("nvmlDeviceGetMinorNumber", h)
+            g.minor = int(minor) if isinstance(minor, int) else None
             sup = self._opt("nvmlGpmQueryDeviceSupport", h)
             g.gpm = bool(sup is not None and sup.isSupportedDevice)
             g.handle = h
@@ -242,13 +250,18 @@ class NvmlCollector:
                     g.failing = False
                     log.info("nvml: GPU %d (%s) answers again", g.index, g.uuid)
             except self.nvml.NVMLError as e:
+                if isinstance(e, _driver_gone(self.nvml)):
+                    # the whole driver went away (unloaded, reset): no GPU is known, none is "lost"
+                    self._ready = False
+                    raise SourceUnavailable("nvml", f"the NVIDIA driver stopped answering: {e}", e) from None
                 lost = isinstance(e, self.nvml.NVMLError_GpuIsLost)
                 if not lost:
                     self._errors["device"] += 1
                 if not g.failing:
                     g.failing = True
                     log.warning("nvml: GPU %d (%s) %s: %s", g.index, g.uuid, "is lost" if lost else "failed", e)
-                devices.append(DeviceSample(gpu=g.index, uuid=g.uuid, model=g.model, pci_bus_id=g.pci, up=False,
+                devices.append(DeviceSample(gpu=g.index, uuid=g.uuid, model=g.model, pci_bus_id=g.pci,
+                                            minor_number=g.minor, up=False,
                                             error="gpu_is_lost" if lost else "error",
                                             xid_errors=tuple(sorted(g.xids.items()))))
                 for s in g.gpm_prev.values():
@@ -285,7 +298,8 @@ class NvmlCollector:
         g.mig_enabled = bool(mode and mode[0] == n.NVML_DEVICE_MIG_ENABLE)
         mem = self._memory(h)
         common: dict[str, Any] = {
-            "gpu": g.index, "uuid": g.uuid, "model": g.model, "pci_bus_id": g.pci, "mig_enabled": g.mig_enabled,
+            "gpu": g.index, "uuid": g.uuid, "model": g.model, "pci_bus_id": g.pci, "minor_number": g.minor,
+            "mig_enabled": g.mig_enabled,
             "memory_used_bytes": mem[0], "memory_total_bytes": mem[1], "memory_reserved_bytes": mem[2],
             "xid_errors": tuple(sorted(g.xids.items())),
         }
@@ -356,7 +370,8 @@ class NvmlCollector:
             gpm = self._gpm(g, gi)
             procs = self._processes(g, mh, full=False)
             out.append(DeviceSample(
-                gpu=g.index, uuid=uuid, model=g.model, pci_bus_id=g.pci, gpu_instance=gi, compute_instance=ci,
+                gpu=g.index, uuid=uuid, model=g.model, pci_bus_id=g.pci, minor_number=g.minor,
+                gpu_instance=gi, compute_instance=ci,
                 mig_profile=profile, parent_uuid=g.uuid,
                 sm_count=getattr(attrs, "multiprocessorCount", None) if attrs is not None else None,
                 compute_slices=getattr(attrs, "gpuInstanceSliceCount", None) if attrs is not None else None,
@@ -451,6 +466,10 @@ class NvmlCollector:
         return tuple(out)
 
 
+def _driver_gone(n: Any) -> tuple[type, ...]:
+    return (n.NVMLError_DriverNotLoaded, n.NVMLError_Uninitialized, n.NVMLError_LibraryNotFound)
+
+
 def mig_profile_from(name: str, attrs: Any) -> str:
     """'NVIDIA A100-SXM4-40GB MIG 1g.5gb' → '1g.5gb'; else from the instance's slices and memory."""
     if " MIG " in name:
@@ -462,11 +481,8 @@ def mig_profile_from(name: str, attrs: Any) -> str:
 
 
 def _handle_key(h: Any) -> Any:
-    """Real handles are ctypes pointers (equal by address, not identity); simulated ones are objects."""
-    try:
-        return ctypes.cast(h, ctypes.c_void_p).value
-    except (TypeError, ctypes.ArgumentError):
-        return id(h)
+    """Handles are ctypes pointers: equal by address, not by identity."""
+    return ctypes.cast(h, ctypes.c_void_p).value
 
 
 def _text(v: Any) -> str:

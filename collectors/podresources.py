@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import stat
-import time
 from dataclasses import dataclass
 
 import grpc
@@ -68,6 +67,9 @@ class PodResourcesReading:
     devices: tuple[ContainerDevice, ...]
     allocatable: tuple[tuple[str, str], ...]  # (resource, device_id); empty on kubelets without the RPC
     unknown_ids: int  # distinct nvidia.com/* device IDs that did not parse, this reading
+
+    def skipped_items(self) -> tuple[tuple[str, int], ...]:
+        return (("unparsed_device_id", self.unknown_ids),) if self.unknown_ids else ()
 
 
 _UUID_BODY = r"[0-9A-Za-z][0-9A-Za-z-]*"
@@ -166,15 +168,14 @@ class PodResourcesCollector:
     def collect(self, now: float) -> PodResourcesReading:
         self._check_socket()
         stub = self._connect()
-        # One deadline for both calls, so a slow kubelet costs at most `timeout` per cycle.
-        deadline = time.monotonic() + self.timeout
+        # Each call gets its own deadline: a kubelet answering each in 3 s of a 5 s timeout must not
+        # lose every allocation because the first call used up a shared budget.
         try:
             listed = stub.List(pb.ListPodResourcesRequest(), timeout=self.timeout)
         except grpc.RpcError as e:
             raise _rpc_error("List", e) from e
         try:
-            alloc = stub.GetAllocatableResources(
-                pb.AllocatableResourcesRequest(), timeout=max(deadline - time.monotonic(), 0.001))
+            alloc = stub.GetAllocatableResources(pb.AllocatableResourcesRequest(), timeout=self.timeout)
             alloc_devices = list(alloc.devices)
         except grpc.RpcError as e:
             # Kubelets before 1.21 (or with the gate off) lack the RPC: capacity unknown, not a failure.

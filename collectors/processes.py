@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from collectors.base import SourceUnavailable
 
@@ -38,6 +39,7 @@ class CgroupOwner:
     pod_uid: str  # with dashes, lower-case (static pods: the 32-hex config hash)
     container_id: str  # 64 hex, "" when the process sits in the pod but in no container (e.g. conmon)
     runtime: str  # containerd | crio | docker | "" (cgroupfs driver names none)
+    monitor: bool = False  # a runtime's monitor (CRI-O's conmon): pod overhead, never the pod's GPU use
 
 
 def _parse_path(path: str) -> CgroupOwner | None:
@@ -50,13 +52,12 @@ def _parse_path(path: str) -> CgroupOwner | None:
         uid = m["uid"].replace("_", "-").lower()
         for child in segments[i + 1:]:
             if _CRIO_CONMON.fullmatch(child):
-                break
+                return CgroupOwner(pod_uid=uid, container_id="", runtime="crio", monitor=True)
             for pattern, runtime in _CONTAINER_SEGMENTS:
                 c = pattern.fullmatch(child)
                 if c:
                     return CgroupOwner(pod_uid=uid, container_id=c["id"], runtime=runtime)
-        runtime = "crio" if any(_CRIO_CONMON.fullmatch(s) for s in segments[i + 1:]) else ""
-        return CgroupOwner(pod_uid=uid, container_id="", runtime=runtime)
+        return CgroupOwner(pod_uid=uid, container_id="", runtime="")
     return None
 
 
@@ -76,7 +77,7 @@ def parse_cgroup(text: str) -> CgroupOwner | None:
             continue
         if owner.container_id:
             return owner
-        if best is None:
+        if best is None or (owner.monitor and not best.monitor):
             best = owner
     return best
 
@@ -133,24 +134,6 @@ class ProcessResolver:
         return owner
 
 
-def write_fake_proc(root: str, pid: int, cgroup_text: str, start_time: int | None = None) -> None:
-    """Write `<root>/<pid>/cgroup` (and `stat` if start_time is given) for simulations and tests."""
-    d = os.path.join(root, str(pid))
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, "cgroup"), "w", encoding="utf-8") as f:
-        f.write(cgroup_text if cgroup_text.endswith("\n") else cgroup_text + "\n")
-    if start_time is not None:
-        # Fields 3..21 are zeros; field 22 is the start time.
-        rest = " ".join(["S"] + ["0"] * 18 + [str(start_time)] + ["0"] * 30)
-        with open(os.path.join(d, "stat"), "w", encoding="ascii") as f:
-            f.write(f"{pid} (sim proc) {rest}\n")
-    else:
-        try:
-            os.unlink(os.path.join(d, "stat"))
-        except FileNotFoundError:
-            pass
-
-
 @dataclass(frozen=True, slots=True)
 class ProcessOwners:
     """pid → owner of the GPU processes NVML reported last; pids with no readable cgroup are absent."""
@@ -161,22 +144,26 @@ class ProcessOwners:
     def as_dict(self) -> dict[int, CgroupOwner]:
         return dict(self.owners)
 
+    def skipped_items(self) -> tuple[tuple[str, int], ...]:
+        return (("unresolved_pid", self.unresolved),) if self.unresolved else ()
+
 
 class ProcessesCollector:
-    """Resolves the GPU processes' pids (from the latest NVML reading) to pods, on its own timer."""
+    """Resolves the GPU processes' pids to pods, on its own timer. The pids come from the latest
+    fresh NVML reading, which the loop passes in (`needs`): no reach into another collector."""
 
     name = "processes"
+    needs = ("nvml",)
 
-    def __init__(self, pids_fn: Callable[[], Iterable[int]], procfs: str = "/proc"):
-        self.pids_fn = pids_fn
+    def __init__(self, procfs: str = "/proc"):
         self.resolver = ProcessResolver(procfs)
 
-    def collect(self, now: float) -> ProcessOwners:
+    def collect(self, now: float, inputs: Mapping[str, Any] | None = None) -> ProcessOwners:
         if not os.path.isdir(self.resolver.procfs):
             raise SourceUnavailable("processes", f"procfs {self.resolver.procfs!r} is not a directory")
         owners = []
         unresolved = 0
-        for pid in sorted(set(self.pids_fn())):
+        for pid in sorted(gpu_pids((inputs or {}).get("nvml"))):
             o = self.resolver.owner(pid)
             if o is None:
                 unresolved += 1
@@ -186,3 +173,10 @@ class ProcessesCollector:
 
     def close(self) -> None:
         pass
+
+
+def gpu_pids(nvml_reading: Any) -> set[int]:
+    """Every pid NVML reported on any device (a reading with `devices` of `processes`), or none."""
+    if nvml_reading is None:
+        return set()
+    return {p.pid for d in nvml_reading.devices for p in d.processes}

@@ -313,7 +313,7 @@ def test_counter_totals_survive_a_server_restart():
     traffic.advance(0.0, 5.0)
     with InferenceHTTPServer(lambda: render(traffic.state)) as server:
         target = Target(server.url, "ml", "vllm-0", "static")
-        collector = InferenceCollector(lambda: [target], timeout=2.0)
+        collector = InferenceCollector(lambda _: [target], timeout=2.0)
         try:
             totals = []
             for now in (60.0, 120.0):
@@ -340,7 +340,7 @@ def healthy() -> Iterator[InferenceHTTPServer]:
 
 
 def _collect(targets: list[Target], **kw: float) -> tuple[InferenceCollector, InferenceReading]:
-    collector = InferenceCollector(lambda: targets, **kw)  # type: ignore[arg-type]
+    collector = InferenceCollector(lambda _: targets, **kw)  # type: ignore[arg-type]
     try:
         return collector, collector.collect(1000.0)
     finally:
@@ -428,7 +428,7 @@ def test_hanging_targets_do_not_delay_the_healthy_one(healthy: InferenceHTTPServ
         InferenceHTTPServer(lambda: "", fault="trickle") as trickle,
     ):
         targets = [Target(u, "ml", "p", "static") for u in (hang.url, trickle.url, healthy.url)]
-        collector = InferenceCollector(lambda: targets, timeout=timeout)
+        collector = InferenceCollector(lambda _: targets, timeout=timeout)
         try:
             started = time.monotonic()
             reading = collector.collect(0.0)
@@ -446,7 +446,7 @@ def test_hanging_targets_do_not_delay_the_healthy_one(healthy: InferenceHTTPServ
 
 def test_all_targets_failing_raises_source_error_but_still_counts():
     with InferenceHTTPServer(lambda: "", fault="http_500") as bad:
-        collector = InferenceCollector(lambda: [Target(bad.url, "ml", "p", "static")], timeout=1.0)
+        collector = InferenceCollector(lambda _: [Target(bad.url, "ml", "p", "static")], timeout=1.0)
         try:
             with pytest.raises(SourceError, match="all 1 targets failed"):
                 collector.collect(0.0)
@@ -461,7 +461,7 @@ def test_all_targets_failing_raises_source_error_but_still_counts():
 def test_failures_are_logged_with_the_url_at_most_every_five_minutes(caplog: pytest.LogCaptureFixture):
     with InferenceHTTPServer(lambda: "", fault="http_500") as bad, InferenceHTTPServer(lambda: TGI) as good:
         targets = [Target(bad.url, "ml", "p", "static"), Target(good.url, "ml", "q", "static")]
-        collector = InferenceCollector(lambda: targets, timeout=1.0)
+        collector = InferenceCollector(lambda _: targets, timeout=1.0)
         try:
             with caplog.at_level(logging.WARNING, logger="collectors.inference"):
                 for now in (0.0, 15.0, 120.0, 301.0):
@@ -545,7 +545,7 @@ def test_error_counts_of_targets_that_are_gone_are_folded_not_lost() -> None:
     from collectors.inference import FORGET_AFTER_S, GONE, InferenceCollector, Target
 
     targets = [Target("http://127.0.0.1:9/metrics", "ns", "old-pod", "static")]
-    c = InferenceCollector(lambda: targets, timeout=0.5)
+    c = InferenceCollector(lambda _: targets, timeout=0.5)
     try:
         for t in (0.0, 15.0):
             with pytest.raises(SourceError):

@@ -106,12 +106,12 @@ def test_hanging_collector_times_out_and_scrapes_stay_fast() -> None:
     ok = Boom("ok", RuntimeError("x"))
     calls = []
 
-    def evaluate(values, statuses, now):
-        calls.append(now)
+    def evaluate(snap):
+        calls.append(snap.time)
         from agent.model import AgentState, Attribution, NodeView
 
-        return AgentState(now, NodeView("n", "", "", ()), "", (), Attribution(()), (), (), (), (),
-                          tuple(statuses))
+        return AgentState(snap.time, NodeView("n", "", "", ()), "", (), Attribution(()), (), (), (), (),
+                          snap.statuses())
 
     agent = Agent([Source(hang, interval=0.2, timeout=0.3), Source(ok, interval=0.2, timeout=0.3)], evaluate, Clock())
     agent.start()

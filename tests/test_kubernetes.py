@@ -16,9 +16,9 @@ from collectors.kubernetes import (
     KubeMetadata,
     KubernetesCollector,
     PodMeta,
-    build_metadata,
     capacity_type_from_labels,
     metadata_from_objects,
+    node_meta,
     resolve_owner,
     team_of,
 )
@@ -77,13 +77,13 @@ def test_resolve_owner_without_a_server() -> None:
     assert resolve_owner("ml", [], lookup_rs, lookup_job, pod_name="solo") == ("Pod", "solo")
 
 
-def test_build_metadata_for_the_simulator() -> None:
+def test_value_types_without_a_server() -> None:
     pod = PodMeta(uid="u1", namespace="ml", name="p", phase="Running", node_name=NODE, labels=(("team", "a"),),
                   annotations=(), workload_kind="Deployment", workload="web", team="a", pod_ip="10.0.0.1",
                   containers=(("main", CID),))
-    meta = build_metadata(NODE, {"node.kubernetes.io/instance-type": "p5.48xlarge",
-                                 "karpenter.sh/capacity-type": "spot",
-                                 "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}, {}, [pod], now=100.0)
+    node = node_meta(NODE, {"node.kubernetes.io/instance-type": "p5.48xlarge", "karpenter.sh/capacity-type": "spot",
+                            "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}, {})
+    meta = KubeMetadata(node=node, pods=(pod,), stale=False, refreshed_at=100.0)
     assert meta.node.instance_type == "p5.48xlarge"
     assert meta.node.capacity_type == "spot"
     assert meta.node.gpu_product == "NVIDIA-H100-80GB-HBM3"
@@ -106,9 +106,9 @@ def test_metadata_from_objects_matches_api_shapes() -> None:
 
 def test_module_imports_without_the_kubernetes_package() -> None:
     code = ("import sys; sys.modules['kubernetes'] = None\n"
-            "from collectors.kubernetes import build_metadata, KubernetesCollector\n"
+            "from collectors.kubernetes import node_meta, KubernetesCollector\n"
             "from collectors.base import SourceUnavailable\n"
-            "print(build_metadata('n', {}, {}, [], 0.0).node.capacity_type)\n"
+            "print(node_meta('n', {}, {}).capacity_type)\n"
             "try:\n    KubernetesCollector('n').collect(0.0)\nexcept SourceUnavailable as e:\n    print('unavailable')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
     assert out.stdout.split() == ["on-demand", "unavailable"]

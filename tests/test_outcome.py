@@ -55,12 +55,44 @@ def test_no_successes_means_no_figure_not_zero_or_infinity() -> None:
     assert v.cost_per_million_generated_tokens is None
 
 
-def test_two_models_in_one_pod_split_its_cost() -> None:
+def test_two_models_on_one_server_split_its_cost_by_tokens() -> None:
     t = OutcomeTracker(window=15 * 60, sat=SaturationConfig())
-    a, b = run_minutes(t, 20, lambda m: [stats(100 * m, 10_000 * m, model="a"), stats(300 * m, 30_000 * m, model="b")])
-    # the pod's $1.72 covers 1500 + 4500 successes: each model shows the pod's cost per 1k
-    assert a.cost_per_1k_successful_requests == pytest.approx(1.72 / 6000 * 1000)
-    assert b.cost_per_1k_successful_requests == pytest.approx(1.72 / 6000 * 1000)
+    # model a: few requests, long answers (3/4 of the tokens); model b: many short requests
+    a, b = run_minutes(t, 20, lambda m: [stats(100 * m, 30_000 * m, model="a"), stats(300 * m, 10_000 * m, model="b")])
+    # the server's $1.72 over the window is split 3:1 by generated tokens: nothing counted twice
+    assert a.window_cost == pytest.approx(1.72 * 0.75) and b.window_cost == pytest.approx(1.72 * 0.25)
+    assert a.window_cost + b.window_cost == pytest.approx(1.72, abs=1e-12)
+    assert a.cost_per_1k_successful_requests == pytest.approx(1.29 / 1500 * 1000)
+    assert b.cost_per_1k_successful_requests == pytest.approx(0.43 / 4500 * 1000)
+    assert a.cost_per_million_generated_tokens == pytest.approx(b.cost_per_million_generated_tokens)
+    assert a.hourly_cost + b.hourly_cost == pytest.approx(6.88)
+
+
+def test_two_servers_in_one_pod_split_its_cost_evenly() -> None:
+    t = OutcomeTracker(window=15 * 60, sat=SaturationConfig())
+
+    def two_servers(m: int) -> list[ServerStats]:
+        one = stats(100 * m, 10_000 * m)
+        other = ServerStats("serving", "vllm-0", "http://x:9000/metrics", "vllm", "m2", 0.0, 1.0, 0.1, None,
+                            1_000 * m, 10 * m, 0.0, None)
+        return [one, other]
+
+    a, b = run_minutes(t, 20, two_servers)
+    # before the fix each server was charged the whole pod: $3.44 for a pod that cost $1.72
+    assert a.window_cost == pytest.approx(0.86) and b.window_cost == pytest.approx(0.86)
+    assert a.cost_per_1k_successful_requests == pytest.approx(0.86 / 1500 * 1000)
+    assert b.cost_per_1k_successful_requests == pytest.approx(0.86 / 150 * 1000)
+
+
+def test_a_server_whose_pod_holds_no_gpu_gets_no_cost() -> None:
+    t = OutcomeTracker(window=15 * 60, sat=SaturationConfig())
+    owner = Owner("serving", "cpu-proxy", "", "Deployment", "proxy", "ml", "uid-2")
+    v = None
+    for m in range(21):
+        (v,) = t.update([stats(100 * m, 1000 * m)], [owner], {"uid-1": 1.0}, {"uid-1": 6.88}, {}, START + 60 * m)
+    assert v.cost_per_1k_successful_requests is None, "never 0.0: the pod holds no GPU"
+    assert v.cost_per_million_generated_tokens is None and v.window_cost is None
+    assert v.hourly_cost == 0.0
 
 
 @pytest.mark.parametrize(

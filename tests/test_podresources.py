@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -23,7 +24,7 @@ from collectors.podresources import (
 )
 from collectors.proto import podresources_pb2 as pb
 from collectors.proto import podresources_pb2_grpc as pb_grpc
-from collectors.simulated.kubelet import SimulatedKubelet
+from collectors.simulated.kubelet import KubeletUnavailable, SimulatedKubelet
 
 GPU0 = "GPU-5b4e0e43-8bb5-2dd7-2c5e-8e4d1c9f0a61"
 GPU1 = "GPU-c1a9e3f2-6d0b-4a8e-91f7-3b2d5e6f7a80"
@@ -268,3 +269,57 @@ def test_simulated_get_answers_one_pod(kubelet: SimulatedKubelet) -> None:
     assert {d.resource_name: list(d.device_ids) for d in pod.containers[0].devices} == {
         "nvidia.com/gpu": [GPU0, GPU1], "example.com/nic": ["nic-0"]}
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _outage_is_quiet(k: SimulatedKubelet, capfd: pytest.CaptureFixture[str],
+                     caplog: pytest.LogCaptureFixture) -> None:
+    """Each call answers UNAVAILABLE and nothing is printed or logged with a traceback on the server."""
+    with caplog.at_level(logging.DEBUG):
+        c = PodResourcesCollector(k.socket_path, timeout=2.0)
+        try:
+            with pytest.raises(KubeletRpcError) as info:
+                c.collect(now=0.0)
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+        finally:
+            c.close()
+        with grpc.insecure_channel(f"unix://{k.socket_path}") as ch:
+            stub = pb_grpc.PodResourcesListerStub(ch)
+            for call, request in ((stub.List, pb.ListPodResourcesRequest()),
+                                  (stub.GetAllocatableResources, pb.AllocatableResourcesRequest()),
+                                  (stub.Get, pb.GetPodResourcesRequest(pod_name="x", pod_namespace="y"))):
+                with pytest.raises(grpc.RpcError) as e:
+                    call(request, timeout=5)
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE, call
+                assert "outage" in (e.value.details() or "")
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception calling application" not in err, err
+    noisy = [r for r in caplog.records if r.exc_info or "Exception calling application" in r.getMessage()]
+    assert noisy == [], [r.getMessage() for r in noisy]
+
+
+def test_an_outage_raised_by_the_callables_is_unavailable_without_a_traceback(
+        sock_dir: str, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    def down() -> list[Row]:
+        raise KubeletUnavailable("simulated kubelet outage")
+
+    with SimulatedKubelet(os.path.join(sock_dir, "kubelet.sock"), down, down) as k:
+        _outage_is_quiet(k, capfd, caplog)
+
+
+def test_a_scenario_kubelet_outage_is_unavailable_without_a_traceback(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    from collectors.simulated.clock import SimClock
+    from collectors.simulated.environment import SimEnvironment
+    from collectors.simulated.scenario import load_scenario
+
+    path = tmp_path / "down.yaml"
+    path.write_text("name: down\nextends: demo\nfaults: [{kind: source_down, source: kubelet, at: 0s, until: 5m}]\n")
+    with SimEnvironment(load_scenario(str(path)), SimClock(start=1_767_225_600.0), inference=False) as env:
+        assert env.kubelet is not None
+        _outage_is_quiet(env.kubelet, capfd, caplog)
+        env.clock.advance(300)  # the fault ends: the same server answers again
+        c = PodResourcesCollector(env.kubelet_socket, timeout=2.0)
+        try:
+            assert c.collect(now=env.clock.now()).devices
+        finally:
+            c.close()

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from collectors.processes import CgroupOwner, ProcessResolver, parse_cgroup, write_fake_proc
+from collectors.processes import CgroupOwner, ProcessResolver, parse_cgroup
+from collectors.simulated.procfs import write_fake_proc
 
 UID = "1b2c3d4e-5f60-7a8b-9c0d-1e2f3a4b5c6d"
 CID = "a3f1c0e2b4d6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7081"
@@ -43,7 +44,7 @@ CASES: list[tuple[str, str, CgroupOwner | None]] = [
      ("0::/kubepods.slice/kubepods-burstable.slice/"
       "kubepods-burstable-pod1b2c3d4e_5f60_7a8b_9c0d_1e2f3a4b5c6d.slice/"
       "crio-conmon-a3f1c0e2b4d6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7081.scope\n"),
-     CgroupOwner(UID, "", "crio")),
+     CgroupOwner(UID, "", "crio", monitor=True)),
     ("v1 systemd docker (cri-dockerd)",
      ("12:pids:/kubepods.slice/kubepods-besteffort.slice/"
       "kubepods-besteffort-pod1b2c3d4e_5f60_7a8b_9c0d_1e2f3a4b5c6d.slice/"

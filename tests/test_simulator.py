@@ -415,3 +415,159 @@ def test_seven_simulated_days_of_demo_run_through_the_whole_agent() -> None:
     assert states[0] == states[1] == "idle_reserved"  # the notebook that holds two GPUs and runs nothing
     assert states[7] == "unallocated"
     assert {states[g] for g in (2, 3, 4, 5, 6)} == {"active"}
+
+
+# --- pinning a real node's layout ---------------------------------------------------------------
+
+PINNED = """
+name: pinned
+gpus:
+  model: H100-SXM-80GB
+  count: 3
+  minor_numbers: [4, 0, 2]
+  mig:
+    1: [{profile: 3g.40gb, gi: 2, ci: 0}, {profile: 2g.20gb, gi: 9, ci: 1}, 1g.10gb]
+pods:
+  - name: infer
+    containers: [{name: main, mig: {2g.20gb: 1}, load: {pattern: constant, level: 0.5}}]
+"""
+
+
+def test_pinned_minor_numbers_come_back_from_nvml(sim_nvml: Sim, scenario_file: Write) -> None:
+    n = started(sim_nvml, scenario_file("pinned", PINNED)).nvml
+    assert [n.nvmlDeviceGetMinorNumber(n.nvmlDeviceGetHandleByIndex(i)) for i in range(3)] == [4, 0, 2]
+    # a MIG device has no /dev/nvidia<N> of its own: NVML does not answer for it
+    mig = n.nvmlDeviceGetMigDeviceHandleByIndex(n.nvmlDeviceGetHandleByIndex(1), 0)
+    with pytest.raises(pynvml.NVMLError_NotSupported):
+        n.nvmlDeviceGetMinorNumber(mig)
+    # unpinned: the minor number is the index
+    d = started(sim_nvml, "demo").nvml
+    assert [d.nvmlDeviceGetMinorNumber(d.nvmlDeviceGetHandleByIndex(i)) for i in range(8)] == list(range(8))
+
+
+def test_pinned_gpu_and_compute_instance_ids_come_back_from_nvml(sim_nvml: Sim, scenario_file: Write) -> None:
+    s = started(sim_nvml, scenario_file("pinned", PINNED))
+    n = s.nvml
+    parent = n.nvmlDeviceGetHandleByIndex(1)
+    migs = [n.nvmlDeviceGetMigDeviceHandleByIndex(parent, j) for j in range(3)]
+    ids = [(n.nvmlDeviceGetGpuInstanceId(m), n.nvmlDeviceGetComputeInstanceId(m)) for m in migs]
+    assert ids == [(2, 0), (9, 1), (5, 0)]  # the unpinned third keeps the NVML-like default 1 + 2·j
+    s.at(600)
+    procs = n.nvmlDeviceGetComputeRunningProcesses(migs[1])
+    assert [(p.gpuInstanceId, p.computeInstanceId) for p in procs] == [(9, 1)]
+    sample = n.nvmlGpmSampleAlloc()
+    n.nvmlGpmMigSampleGet(parent, 9, sample)  # GPM addresses the instance by its pinned id
+    with pytest.raises(pynvml.NVMLError_InvalidArgument):
+        n.nvmlGpmMigSampleGet(parent, 3, sample)  # the default id the pin replaced is not there
+    n.nvmlGpmSampleFree(sample)
+
+
+def test_a_pinned_gi_that_clashes_with_a_default_names_the_pin(scenario_file: Write) -> None:
+    from collectors.schema import InputError
+    from collectors.simulated.scenario import load_scenario
+
+    clash = PINNED.replace("{profile: 2g.20gb, gi: 9, ci: 1}", "{profile: 2g.20gb, gi: 5, ci: 1}")
+    with pytest.raises(InputError) as e:
+        load_scenario(str(scenario_file("clash", clash)))
+    assert e.value.path == "gpus.mig.1[1].gi" and e.value.got == 5
+
+
+def test_handles_are_ctypes_pointers_with_a_stable_distinct_address(sim_nvml: Sim) -> None:
+    """What real pynvml handles are: code keying them by address needs no simulator branch."""
+    import ctypes
+
+    n = started(sim_nvml, "mig").nvml
+    handles = [n.nvmlDeviceGetHandleByIndex(i) for i in range(n.nvmlDeviceGetCount())]
+    handles += [n.nvmlDeviceGetMigDeviceHandleByIndex(handles[0], j) for j in range(4)]
+    keys = [ctypes.cast(h, ctypes.c_void_p).value for h in handles]
+    assert all(keys) and len(set(keys)) == len(keys)
+    assert ctypes.cast(n.nvmlDeviceGetHandleByIndex(2), ctypes.c_void_p).value == keys[2]
+    parent = n.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handles[-1])
+    assert ctypes.cast(parent, ctypes.c_void_p).value == keys[0]
+
+
+SHARED = """
+name: shared-pins
+gpus: {{model: L4, count: 2, time_slicing: {{replicas: 4}}}}
+pods:
+  - name: a
+    containers: [{{name: main, shares: [{{gpu: 1, replica: 3}}, {{gpu: 0, replica: 2}}]}}]
+  - name: b
+    containers: [{{name: main, gpus: 2}}]
+  - name: c
+    containers: [{{name: main, shares: [{share}]}}]
+"""
+
+
+def test_a_pinned_share_is_the_replica_the_kubelet_lists(scenario_file: Write) -> None:
+    import grpc
+
+    from collectors.proto import podresources_pb2 as pb
+    from collectors.proto import podresources_pb2_grpc as pb_grpc
+    from collectors.simulated.clock import SimClock
+    from collectors.simulated.environment import SimEnvironment
+    from collectors.simulated.scenario import load_scenario
+
+    sc = load_scenario(str(scenario_file("shared-pins", SHARED.format(share="{gpu: 0, replica: 0}"))))
+    g0, g1 = (g.uuid for g in sc.gpus)
+    with (SimEnvironment(sc, SimClock(start=SIM_START), inference=False) as env,
+          grpc.insecure_channel(f"unix://{env.kubelet_socket}") as ch):
+        reply = pb_grpc.PodResourcesListerStub(ch).List(pb.ListPodResourcesRequest(), timeout=10)
+    ids = {p.name: [i for c in p.containers for d in c.devices for i in d.device_ids] for p in reply.pod_resources}
+    assert ids["a"] == [f"{g1}::3", f"{g0}::2"]  # pinned, in the order given
+    assert ids["c"] == [f"{g0}::0"]
+    assert ids["b"] == [f"{g0}::1", f"{g0}::3"]  # first fit takes what the pins left
+
+
+@pytest.mark.parametrize(("share", "key", "expected"), [
+    ("{gpu: 1, replica: 3}", "pods[2].containers[0].shares[0]", "no other container"),  # pod a holds it
+    ("{gpu: 0, replica: 4}", "pods[2].containers[0].shares[0]", "replica between 0 and 3"),
+    ("{gpu: 2, replica: 0}", "pods[2].containers[0].shares[0]", "time-sliced GPU of this node"),
+])
+def test_a_conflicting_pin_is_an_input_error_naming_the_share(share: str, key: str, expected: str,
+                                                             scenario_file: Write) -> None:
+    from collectors.schema import InputError
+    from collectors.simulated.scenario import load_scenario
+
+    with pytest.raises(InputError) as e:
+        load_scenario(str(scenario_file("bad-pin", SHARED.format(share=share))))
+    assert e.value.path == key and expected in e.value.expected, str(e.value)
+    assert key in str(e.value)
+
+
+def test_a_share_pinned_on_a_node_without_time_slicing_is_an_input_error(scenario_file: Write) -> None:
+    from collectors.schema import InputError
+    from collectors.simulated.scenario import load_scenario
+
+    text = "name: x\ngpus: {model: L4, count: 2}\npods:\n  - {name: a, containers: [{name: m, shares: [{gpu: 0, replica: 0}]}]}\n"
+    with pytest.raises(InputError) as e:
+        load_scenario(str(scenario_file("no-ts", text)))
+    assert e.value.path == "pods[0].containers[0].shares[0]" and "replicas" in e.value.expected
+
+
+# --- simulated servers follow simulated time ------------------------------------------------------
+
+def test_an_inference_outage_is_applied_at_request_time(scenario_file: Write) -> None:
+    """No collector has to run first: each server applies the scenario's faults when it is asked."""
+    import urllib.error
+    import urllib.request
+
+    from collectors.simulated.clock import SimClock
+    from collectors.simulated.environment import SimEnvironment
+    from collectors.simulated.scenario import load_scenario
+
+    path = scenario_file("inf-down", "name: inf-down\nextends: demo\n"
+                                     "faults: [{kind: source_down, source: inference, at: 1m, until: 2m}]\n")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    clock = SimClock(start=SIM_START)
+    with SimEnvironment(load_scenario(str(path)), clock, kubelet=False) as env:
+        url = next(iter(env.inference_servers.values())).url
+        codes = []
+        for t in (30, 90, 150):
+            clock.advance(t - clock.scenario_time())
+            try:
+                with opener.open(url, timeout=5) as r:
+                    codes.append(r.status)
+            except urllib.error.HTTPError as e:
+                codes.append(e.code)
+    assert codes == [200, 500, 200]

@@ -57,6 +57,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         owner = self.server.owner
+        if owner.before_request is not None:
+            owner.before_request()
         fault = owner.fault
         owner.requests += 1
         try:
@@ -130,11 +132,14 @@ class InferenceHTTPServer:
     """A real HTTP server on 127.0.0.1 (port chosen by the OS) serving `render_fn()` at any path.
 
     Set `.fault` to one of `FAULTS` at any time; `huge_bytes` sizes the `huge` body (make it larger than
-    the scraper's cap).
+    the scraper's cap). `before_request`, when given, runs at the start of every request, before the
+    fault is read: the simulated node applies its scenario's faults there, at the request's time.
     """
 
-    def __init__(self, render_fn: Callable[[], str], fault: str = "ok", huge_bytes: int = 11 * 2**20):
+    def __init__(self, render_fn: Callable[[], str], fault: str = "ok", huge_bytes: int = 11 * 2**20,
+                 before_request: Callable[[], None] | None = None):
         self.render_fn = render_fn
+        self.before_request = before_request
         self.fault = fault
         self.huge_bytes = huge_bytes
         self.requests = 0

@@ -3,7 +3,9 @@
 It is real so that the collector under test and under `--simulate` runs the
 same code path as on a node: the channel, the socket, message size limits,
 deadlines and status codes. The answers come from callables read at each
-call, so a scenario can move pods without restarting the server.
+call, so a scenario can move pods without restarting the server; a callable
+that raises `KubeletUnavailable` makes that call answer UNAVAILABLE, the way
+a restarting kubelet does, without a server-side traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 import grpc
 
@@ -30,6 +32,16 @@ PADDING_RESOURCE = "sim.gpucap.io/padding"
 # Each padding pod carries ~10 KiB (100 IDs of ~100 bytes): 600 pods make a ~6 MiB List reply.
 _PADDING_IDS_PER_POD = 100
 _PADDING_ID_LEN = 100
+
+T = TypeVar("T")
+
+
+class KubeletUnavailable(Exception):
+    """Raised by `list_fn`/`allocatable_fn` for an outage: the call is answered UNAVAILABLE.
+
+    Any other exception is a bug in the callable, and grpc reports it (traceback and UNKNOWN);
+    an outage is an expected answer and must look like one on both ends.
+    """
 
 
 def _group(rows: Sequence[ListRow]) -> list[pb.PodResources]:
@@ -65,6 +77,14 @@ def _padding(n: int) -> list[pb.PodResources]:
     ]
 
 
+def _answer(fn: Callable[[], T], context: grpc.ServicerContext) -> T:
+    try:
+        return fn()
+    except KubeletUnavailable as e:
+        context.abort(grpc.StatusCode.UNAVAILABLE, str(e) or "simulated kubelet is unavailable")
+        raise  # not reached: abort raises
+
+
 class _Servicer(pb_grpc.PodResourcesListerServicer):
     def __init__(self, kubelet: SimulatedKubelet):
         self._k = kubelet
@@ -72,21 +92,22 @@ class _Servicer(pb_grpc.PodResourcesListerServicer):
     def List(self, request: pb.ListPodResourcesRequest, context: grpc.ServicerContext
              ) -> pb.ListPodResourcesResponse:
         self._k._fault(context)
-        return pb.ListPodResourcesResponse(pod_resources=_group(self._k.list_fn()) + self._k._padding)
+        rows = _answer(self._k.list_fn, context)
+        return pb.ListPodResourcesResponse(pod_resources=_group(rows) + self._k._padding)
 
     def GetAllocatableResources(self, request: pb.AllocatableResourcesRequest, context: grpc.ServicerContext
                                 ) -> pb.AllocatableResourcesResponse:
         self._k._fault(context)
         if self._k.allocatable_fn is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "GetAllocatableResources not served (old kubelet)")
-        rows = self._k.allocatable_fn()
+        rows = _answer(self._k.allocatable_fn, context)
         return pb.AllocatableResourcesResponse(
             devices=[pb.ContainerDevices(resource_name=r, device_ids=ids) for r, ids in rows])
 
     def Get(self, request: pb.GetPodResourcesRequest, context: grpc.ServicerContext
             ) -> pb.GetPodResourcesResponse:
         self._k._fault(context)
-        for pod in _group(self._k.list_fn()):
+        for pod in _group(_answer(self._k.list_fn, context)):
             if pod.name == request.pod_name and pod.namespace == request.pod_namespace:
                 return pb.GetPodResourcesResponse(pod_resources=pod)
         context.abort(grpc.StatusCode.NOT_FOUND, f"pod {request.pod_namespace}/{request.pod_name} not found")
@@ -105,6 +126,7 @@ class SimulatedKubelet:
         self.list_fn = list_fn
         self.allocatable_fn = allocatable_fn
         self._server: grpc.Server | None = None
+        self._executor: futures.ThreadPoolExecutor | None = None
         self._down = False
         self._delay = 0.0
         self._padding: list[pb.PodResources] = []
@@ -115,14 +137,16 @@ class SimulatedKubelet:
         if self._server is not None:
             return self
         self._stopping.clear()
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="sim-kubelet"))
+        executor = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="sim-kubelet")
+        server = grpc.server(executor)
         pb_grpc.add_PodResourcesListerServicer_to_server(_Servicer(self), server)
         try:
             server.add_insecure_port(f"unix://{os.path.abspath(self.socket_path)}")
         except RuntimeError as e:
+            executor.shutdown(wait=False)
             raise OSError(f"simulated kubelet cannot listen on {self.socket_path}: {e}") from e
         server.start()
-        self._server = server
+        self._server, self._executor = server, executor
         return self
 
     def stop(self) -> None:
@@ -131,6 +155,10 @@ class SimulatedKubelet:
         if self._server is not None:
             self._server.stop(grace=None).wait()
             self._server = None
+        if self._executor is not None:
+            # grpc does not own the pool it was given: its worker threads would outlive the server
+            self._executor.shutdown(wait=True)
+            self._executor = None
         try:
             os.unlink(self.socket_path)
         except FileNotFoundError:

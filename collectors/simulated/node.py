@@ -39,10 +39,41 @@ class SimMig:
     uuid: str
 
 
+def _pinned_shares(sc: Scenario) -> dict[tuple[int, int], list[tuple[int, int]]]:
+    """(pod index, container index) → its pinned (gpu, replica) shares, each checked and taken once."""
+    shareable = {g.index for g in sc.gpus if g.mig is None} if sc.replicas > 1 else set()
+    taken: set[tuple[int, int]] = set()
+    out: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for pi, pod in enumerate(sc.pods):
+        for ci, c in enumerate(pod.containers):
+            for k, (gpu, rep) in enumerate(c.shares):
+                where = f"pods[{pi}].containers[{ci}].shares[{k}]"
+                got = {"gpu": gpu, "replica": rep}
+                if gpu not in shareable:
+                    expected = (f"a time-sliced GPU of this node (index 0-{len(sc.gpus) - 1}, MIG disabled)"
+                                if sc.replicas > 1 else "gpus.time_slicing.replicas > 1 (this node has no shares)")
+                    raise InputError(sc.path, where, expected, got)
+                if rep >= sc.replicas:
+                    raise InputError(sc.path, where, f"a replica between 0 and {sc.replicas - 1}", got)
+                if (gpu, rep) in taken:
+                    raise InputError(sc.path, where, "a share no other container holds", got)
+                taken.add((gpu, rep))
+                out.setdefault((pi, ci), []).append((gpu, rep))
+    return out
+
+
 def allocate(sc: Scenario) -> tuple[SimAllocation, ...]:
-    """First-fit allocation like the device plugin; an impossible request is a scenario error."""
-    free_full = [g.index for g in sc.gpus if g.mig is None]
-    free_replicas = [(g.index, r) for r in range(sc.replicas) for g in sc.gpus if g.mig is None]
+    """Pinned shares first, then first-fit like the device plugin; an impossible request is a scenario error.
+
+    The scenario loader runs this to check a node is possible, so it also checks the MIG ids.
+    """
+    mig_layout(sc)
+    pinned = _pinned_shares(sc)
+    held = {share for shares in pinned.values() for share in shares}
+    pinned_gpus = {g for g, _ in held}
+    free_full = [g.index for g in sc.gpus if g.mig is None and g.index not in pinned_gpus]
+    free_replicas = [(g.index, r) for r in range(sc.replicas) for g in sc.gpus
+                     if g.mig is None and (g.index, r) not in held]
     free_replicas.sort()
     free_mig = [(g.index, j, m.profile) for g in sc.gpus if g.mig for j, m in enumerate(g.mig)]
     out = []
@@ -50,6 +81,9 @@ def allocate(sc: Scenario) -> tuple[SimAllocation, ...]:
         for ci, c in enumerate(pod.containers):
             where = f"pods[{pi}].containers[{ci}]"
             pid = 1000 + zlib.crc32(f"{pod.uid}/{c.name}".encode()) % 4_000_000
+            for gi, rep in pinned.get((pi, ci), ()):
+                dev = f"{sc.gpus[gi].uuid}::{rep}"
+                out.append(SimAllocation(pod, c, sc.shared_resource, dev, gi, None, rep, pid))
             if c.devices:
                 for d in c.devices:
                     if d >= len(sc.gpus) or sc.gpus[d].mig is not None or d not in free_full:
@@ -63,6 +97,8 @@ def allocate(sc: Scenario) -> tuple[SimAllocation, ...]:
                         raise InputError(sc.path, f"{where}.gpus", f"at most {len(free_replicas)} free shares", c.gpus)
                     for _ in range(c.gpus):
                         gi, rep = free_replicas.pop(0)
+                        if gi in free_full:
+                            free_full.remove(gi)  # a shared GPU is no longer free as a whole
                         dev = f"{sc.gpus[gi].uuid}::{rep}"
                         out.append(SimAllocation(pod, c, sc.shared_resource, dev, gi, None, rep, pid))
                 else:
@@ -81,6 +117,34 @@ def allocate(sc: Scenario) -> tuple[SimAllocation, ...]:
                     mig = sc.gpus[gi].mig[j]  # type: ignore[index]
                     out.append(SimAllocation(pod, c, f"nvidia.com/mig-{prof}", mig.uuid, gi, j, None, pid))
     return tuple(out)
+
+
+def mig_layout(sc: Scenario) -> dict[int, tuple[SimMig, ...]]:
+    """MIG instances per GPU with their GPU-instance and compute-instance ids.
+
+    Unpinned ids are NVML-like (small, not contiguous: gi 1, 3, 5, …; ci 0). A default that lands
+    on an id pinned elsewhere on the same GPU is an error naming the pin: two instances of one
+    GPU never share a GPU-instance id.
+    """
+    out: dict[int, tuple[SimMig, ...]] = {}
+    for g in sc.gpus:
+        if g.mig is None:
+            continue
+        migs = []
+        for j, m in enumerate(g.mig):
+            prof = sc.model.mig_profile(m.profile)
+            gi = m.gi if m.gi is not None else 1 + 2 * j
+            migs.append(SimMig(g.index, j, gi=gi, ci=m.ci if m.ci is not None else 0,
+                               profile=prof, uuid=m.uuid))  # type: ignore[arg-type]
+        for j, mig in enumerate(migs):
+            clash = next((o for o in migs[:j] if o.gi == mig.gi), None)
+            if clash is not None:
+                pin = j if g.mig[j].gi is not None else clash.index
+                raise InputError(sc.path, f"gpus.mig.{g.index}[{pin}].gi",
+                                 "a GPU-instance id unique on this GPU (unpinned instances take 1, 3, 5, …)",
+                                 mig.gi)
+        out[g.index] = tuple(migs)
+    return out
 
 
 def _noise(seed: int, key: str, t: float, amplitude: float) -> float:
@@ -131,15 +195,7 @@ class SimNode:
 
         self.sc = sc
         self.allocations = allocate(sc)
-        self.migs: dict[int, tuple[SimMig, ...]] = {}
-        for g in sc.gpus:
-            if g.mig is not None:
-                prof = [sc.model.mig_profile(m.profile) for m in g.mig]
-                # GPU instance ids as NVML numbers them: not contiguous, small integers
-                self.migs[g.index] = tuple(
-                    SimMig(g.index, j, gi=1 + j * 2, ci=0, profile=p, uuid=m.uuid)  # type: ignore[arg-type]
-                    for j, (m, p) in enumerate(zip(g.mig, prof))
-                )
+        self.migs = mig_layout(sc)
         self._lock = threading.Lock()
         self._traffic: dict[str, TrafficModel] = {}
         for p in sc.pods:

@@ -29,10 +29,21 @@ def _err(code: int) -> pynvml.NVMLError:
     return pynvml.NVMLError(code)
 
 
-class _Handle:
+# Fake device addresses: high enough to look like heap pointers, one 256-byte slot per device.
+_HANDLE_BASE = 0x7E5100000000
+
+
+class _Handle(ctypes.c_void_p):
+    """A device handle that is a ctypes pointer value, as real `pynvml` handles are.
+
+    Code that keys handles by address (`ctypes.cast(h, ctypes.c_void_p).value`) works unchanged
+    on the simulator: each device has its own stable, nonzero address. Nothing dereferences it.
+    """
+
     __slots__ = ("gpu", "mig")
 
     def __init__(self, gpu: int, mig: int | None):
+        super().__init__(_HANDLE_BASE + (gpu << 8) + (0 if mig is None else mig + 1))
         self.gpu, self.mig = gpu, mig
 
     def __repr__(self) -> str:
@@ -79,7 +90,11 @@ class SimulatedNVML:
         self.calls += 1
         if not self._init:
             raise _err(pynvml.NVML_ERROR_UNINITIALIZED)
-        return self.scenario_time
+        t = self.scenario_time
+        if self._node.fault("source_down", t, source="nvml"):
+            # the driver stopped answering (unloaded or reset): every call fails, for every GPU
+            raise _err(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+        return t
 
     def _dev(self, h: Any, field: str = "") -> tuple[float, int, int | None]:
         t = self._t()
@@ -99,6 +114,8 @@ class SimulatedNVML:
         self.calls += 1
         if self._node.fault("nvml_init_failure", self.scenario_time):
             raise _err(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+        if self._node.fault("source_down", self.scenario_time, source="nvml"):
+            raise _err(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
         self._init += 1
 
     nvmlInitWithFlags = lambda self, flags=0: self.nvmlInit()
@@ -146,6 +163,15 @@ class SimulatedNVML:
         _, g, _ = self._dev(h)
         return g
 
+    def nvmlDeviceGetMinorNumber(self, h: _Handle) -> int:
+        """/dev/nvidia<minor>: the scenario's pin, else the index. A MIG device has no device node of
+        its own (it is reached through its parent's and /dev/nvidia-caps), so NVML does not answer."""
+        _, g, m = self._dev(h)
+        if m is not None:
+            raise _err(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        minor = self._node.sc.gpus[g].minor
+        return g if minor is None else minor
+
     def nvmlDeviceGetArchitecture(self, h: _Handle) -> int:
         self._dev(h)
         arch = self._node.sc.model.architecture
@@ -164,7 +190,12 @@ class SimulatedNVML:
 
     # --- MIG ------------------------------------------------------------------------------
     def nvmlDeviceGetMigMode(self, h: _Handle) -> list[int]:
-        _, g, m = self._dev(h)
+        t, g, m = self._dev(h)
+        slow = self._node.fault("slow", t, source="nvml")
+        if slow is not None and self._clock.realtime and g == 0 and m is None:
+            import time
+
+            time.sleep(slow.delay)  # once per cycle: the collector asks every GPU's MIG mode each cycle
         if m is not None or not self._node.sc.model.mig_profiles:
             raise _err(pynvml.NVML_ERROR_NOT_SUPPORTED)
         mode = 1 if self._mig_enabled(g) else 0
