@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import ThreadingWSGIServer, generate_latest
+from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder, generate_latest
 
 from agent import __version__
 from agent.model import OWNER_LABELS, STATES, UNIT_LABELS, AgentState
@@ -291,6 +291,21 @@ def render(state: AgentState | None) -> str:
     return generate_latest(make_registry(lambda: state)).decode()
 
 
+def encode_for(state: AgentState | None, accept: str = "", accept_encoding: str = "") -> tuple[bytes, list[tuple[str, str]]]:
+    """The /metrics response body and headers for one state, negotiated as Prometheus does
+    (text or OpenMetrics by `Accept`, gzip by `Accept-Encoding`). The one entry point an HTTP server
+    uses, so the encoding can be cached per state here without the server knowing."""
+    import gzip
+
+    encoder, content_type = choose_encoder(accept)
+    body = encoder(make_registry(lambda: state))
+    headers = [("Content-Type", content_type)]
+    if "gzip" in (accept_encoding or "").lower():
+        body = gzip.compress(body, compresslevel=6)
+        headers.append(("Content-Encoding", "gzip"))
+    return body, headers
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -301,12 +316,13 @@ class MetricsServer:
 
     def __init__(self, host: str, port: int, get_state: Callable[[], AgentState | None],
                  last_evaluation: Callable[[], float], stale_after: float = 120.0):
-        metrics = make_wsgi_app(make_registry(get_state))
-
         def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
             path = environ.get("PATH_INFO", "/")
             if path == "/metrics":
-                return metrics(environ, start_response)
+                body, headers = encode_for(get_state(), environ.get("HTTP_ACCEPT", ""),
+                                           environ.get("HTTP_ACCEPT_ENCODING", ""))
+                start_response("200 OK", headers + [("Content-Length", str(len(body)))])
+                return [body]
             if path == "/healthz":
                 age = time.monotonic() - last_evaluation()
                 ok = get_state() is not None and age < stale_after
