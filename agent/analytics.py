@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from collections import defaultdict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from agent.config import IdleConfig, SaturationConfig
-from agent.model import NO_OWNER, InferenceView, Owner, UnitRow, UnitView
+from agent.model import NO_OWNER, Accrual, InferenceView, Owner, UnitRow, UnitView
 
 
 def unit_key(row: UnitRow) -> tuple[str, str]:
@@ -56,7 +56,7 @@ class IdleTracker:
                 idle_for = now - streak if streak is not None else 0.0
                 state = "idle_reserved" if streak is not None and idle_for >= self.cfg.window else "active"
             tracks[key] = _UnitTrack(streak, state, row, ())
-            out.append(UnitView(row, state, (now - streak) if streak is not None else 0.0))
+            out.append(UnitView(row, state, (now - streak) if streak is not None else 0.0, streak))
         self._tracks = tracks  # units/pods that are gone are forgotten
         return out
 
@@ -73,34 +73,50 @@ class CostLedger:
     def __init__(self, max_gap: float = float("inf")) -> None:
         self.max_gap = max_gap
         self._last: float | None = None
-        self._prev: list[tuple[tuple[str, ...], Owner, str, float]] = []
+        self._last_wall: float | None = None
+        self._prev: list[tuple[tuple[str, ...], Owner, str, float, UnitView]] = []
         self.totals: dict[tuple[tuple[str, ...], Owner, str], float] = defaultdict(float)
         self.by_pod: dict[str, float] = defaultdict(float)  # pod uid (or ns/pod) → dollars, monotonic
         self.restored = False
 
-    def update(self, views: Sequence[UnitView], node: str, now: float) -> None:
+    def restore(self, totals: dict[tuple[tuple[str, ...], Owner, str], float]) -> None:
+        """Counters continue where the ledger says they stopped (no reset seen by Prometheus)."""
+        for k, v in totals.items():
+            self.totals[k] = max(self.totals.get(k, 0.0), v)
+        self.restored = True
+
+    def update(self, views: Sequence[UnitView], node: str, now: float, wall: float | None = None) -> list[Accrual]:
+        """Charge (last, now]; returns what was charged, for the ledger. `now` is monotonic."""
+        accruals: list[Accrual] = []
+        wall = now if wall is None else wall
         if self._last is not None and now > self._last:
             elapsed = now - self._last
             hours = elapsed / 3600.0
             gap = elapsed > self.max_gap
-            for labels, owner, state, hourly in self._prev:
+            start = wall - elapsed  # the interval on the wall clock, ending at this evaluation
+            for labels, owner, state, hourly, view in self._prev:
                 dollars = hourly * hours
                 if gap:
                     self.totals[(labels, NO_OWNER, "unknown")] += dollars
+                    accruals.append(Accrual(replace(view, row=replace(view.row, allocations=())), "unknown",
+                                            start, wall, elapsed, dollars))
                     continue
                 self.totals[(labels, owner, state)] += dollars
+                accruals.append(Accrual(view, state, start, wall, elapsed, dollars,
+                                        view.streak if state == "active" else None))
                 if owner.pod:
                     self.by_pod[owner.pod_uid or f"{owner.namespace}/{owner.pod}"] += dollars
         if self._last is None or now >= self._last:
             self._last = now
-            self._prev = [(v.row.unit_labels(node), v.row.owner, v.state, v.row.hourly_price) for v in views]
-        live = {(labels, owner) for labels, owner, _, _ in self._prev}
-        live_units = {labels for labels, _, _, _ in self._prev}
-        # series of units/pods that are gone disappear (their dollars stay in the history); a unit's
+            self._prev = [(v.row.unit_labels(node), v.row.owner, v.state, v.row.hourly_price, v) for v in views]
+        live = {(labels, owner) for labels, owner, _, _, _ in self._prev}
+        live_units = {labels for labels, _, _, _, _ in self._prev}
+        # series of units/pods that are gone disappear (their dollars stay in the ledger); a unit's
         # owner-less series (free, or unknown holder) lives as long as the unit
         for k in [k for k in self.totals
                   if (k[0], k[1]) not in live and not (k[1] == NO_OWNER and k[0] in live_units)]:
             del self.totals[k]
+        return accruals
 
     def rows(self) -> list[tuple[tuple[str, ...], Owner, str, float]]:
         return [(labels, owner, state, v) for (labels, owner, state), v in sorted(self.totals.items(), key=_sort)]

@@ -27,7 +27,7 @@ def owner_for(namespace: str, pod: str, container: str, meta: KubeMetadata | Non
     pm = meta.pod_by_name(namespace, pod) if meta is not None else None
     if pm is None:
         return Owner(namespace, pod, container)
-    return Owner(namespace, pod, container, pm.workload_kind, pm.workload, pm.team, pm.uid)
+    return Owner(namespace, pod, container, pm.workload_kind, pm.workload, pm.team, pm.uid, pm.feature)
 
 
 class _Devices:
@@ -150,7 +150,7 @@ def _attribute_device(out: _Out, d: DeviceSample, devices: Sequence[DeviceSample
     price = prices.gpu_price(node_name, instance_type, capacity_type, annotations, canonical_model(model))
     base = {"gpu": d.gpu, "model": model, "up": d.up, "device": d, "parent_hourly_price": price.hourly_dollars,
             "price_source": price.source, "instance_type": instance_type, "capacity_type": capacity_type,
-            "device_fresh": fresh, "holders_known": holders_known}
+            "device_fresh": fresh, "holders_known": holders_known, "list_parent_price": price.list_hourly}
     if d.mig_enabled:
         # the unpartitioned remainder is the parent's price minus its instances' prices, so the node
         # adds up exactly on either MIG cost basis

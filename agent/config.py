@@ -16,7 +16,7 @@ from collectors.pricing import PricingConfig, pricing_config_from_dict, read_pri
 from collectors.schema import Reader, load_yaml_file
 
 DEFAULT_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
-MAX_EXTRA_POD_LABELS = 10  # gpucap_pod_info: 6 own labels + these + job/instance stay under 20
+MAX_EXTRA_POD_LABELS = 10  # gpucap_pod_info: 7 own labels + these + job/instance = 19, under 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +41,7 @@ class KubernetesConfig:
     interval: float = 15.0
     team_label_keys: tuple[str, ...] = ("team", "app.kubernetes.io/part-of")
     pod_label_allowlist: tuple[str, ...] = ()
+    feature_label_keys: tuple[str, ...] = ("gpucap.io/feature", "app.kubernetes.io/component")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +82,17 @@ class SaturationConfig:
 
 @dataclass(frozen=True, slots=True)
 class HistoryConfig:
+    """The node's ledger (agent/history.py). `path` "" means the default: DEFAULT_HISTORY_PATH for
+    `gpucap run` on a node, a temporary file in simulation."""
+
     path: str = ""
-    interval: float = 60.0
-    retention: float = 30 * 86400.0
+    interval: float = 60.0  # how often finished minutes are written
+    retention: float = 35 * 86400.0
+    max_bytes: int = 512 * 2**20
+    enabled: bool = True
+
+
+DEFAULT_HISTORY_PATH = "/var/lib/gpucap/history.db"
 
 
 COLLECTOR_NAMES = ("nvml", "podresources", "kubernetes", "processes", "inference")
@@ -183,6 +192,7 @@ def _read_config(r: Reader) -> Config:
         enabled=k8.bool("enabled", True), kubeconfig=k8.str("kubeconfig", ""), resync=k8.duration("resync", 60.0),
         interval=k8.duration("interval", 15.0),
         team_label_keys=_str_list(k8, "team_label_keys", ["team", "app.kubernetes.io/part-of"]),
+        feature_label_keys=_str_list(k8, "feature_label_keys", ["gpucap.io/feature", "app.kubernetes.io/component"]),
         pod_label_allowlist=_str_list(k8, "pod_label_allowlist", []),
     )
     if len(kube.pod_label_allowlist) > MAX_EXTRA_POD_LABELS:
@@ -230,9 +240,8 @@ def _read_config(r: Reader) -> Config:
     pricing = read_pricing_config(r.section("pricing"), base_dir=os.path.dirname(os.path.abspath(where)))
 
     hs = r.section("history")
-    history = HistoryConfig(hs.str("path", ""), hs.duration("interval", 60.0), hs.duration("retention", 30 * 86400.0))
-    if history.path:
-        hs.problem("path", "an empty path: the local history store is not implemented yet", history.path)
+    history = HistoryConfig(hs.str("path", ""), hs.duration("interval", 60.0), hs.duration("retention", "35d"),
+                            hs.size("max_size", 512 * 2**20), hs.bool("enabled", True))
     hs.done()
 
     collectors = _read_collectors(r.section("collectors"), {"kubernetes": kube.enabled, "processes": procs.enabled})

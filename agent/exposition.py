@@ -102,6 +102,10 @@ class StateCollector:
         evaluation = _g("evaluation_success", "1 if the last evaluation ran (0: only source status is served)",
                         ["node"])
         evaluation.add_metric([node], 1.0 if st.evaluation_success else 0.0)
+        history = _c("history_write_errors", "Failed or dropped writes to the node's ledger (disk full, "
+                     "read-only, queue full); /metrics keeps serving", ["node"])
+        if st.history_write_errors is not None:
+            history.add_metric([node], st.history_write_errors)
         stale = _g("kubernetes_metadata_stale", "1 while pod metadata is the last known (API server unreachable)",
                    ["node"])
         stale.add_metric([node], 1.0 if st.node.stale else 0.0)
@@ -111,7 +115,7 @@ class StateCollector:
         unknown_dev = _g("podresources_unmatched_devices", "Kubelet device IDs that match no NVML device",
                          ["node"])
         unknown_dev.add_metric([node], st.attribution.unknown_devices)
-        yield from (ok, dur, last, errs, age, skipped, evaluation, stale, unknown, unknown_dev)
+        yield from (ok, dur, last, errs, age, skipped, evaluation, history, stale, unknown, unknown_dev)
 
     # --- devices --------------------------------------------------------------------------
     def _devices(self, st: AgentState) -> Iterator[Metric]:
@@ -193,16 +197,16 @@ class StateCollector:
         for labels, owner, s, dollars in st.costs:
             cost.add_metric(list(labels) + list(owner.labels()) + [s], dollars)
         pod = _g("pod_info", "Pods on the node with their workload and team (join with group_left)",
-                 ("node", "namespace", "pod", "workload_kind", "workload", "team"))
+                 ("node", "namespace", "pod", "workload_kind", "workload", "team", "feature"))
         extra_keys = sorted({k for p in st.pods for k, _ in p.extra_labels})
         if extra_keys:
             pod = _g("pod_info", "Pods on the node with their workload and team (join with group_left)",
-                     ("node", "namespace", "pod", "workload_kind", "workload", "team")
+                     ("node", "namespace", "pod", "workload_kind", "workload", "team", "feature")
                      + tuple(_label_name(k) for k in extra_keys))
         for p in st.pods:
             o = p.owner
             extra = dict(p.extra_labels)
-            pod.add_metric([node, o.namespace, o.pod, o.workload_kind, o.workload, o.team]
+            pod.add_metric([node, o.namespace, o.pod, o.workload_kind, o.workload, o.team, o.feature]
                            + [extra.get(k, "") for k in extra_keys], 1)
         yield from (alloc, price, state, idle_s, activity, share_act, idle_cost, alloc_cost, unalloc_cost,
                     lost_cost, unknown_cost, cost, pod)

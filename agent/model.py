@@ -32,6 +32,7 @@ class Owner:
     workload: str = ""
     team: str = ""
     pod_uid: str = ""
+    feature: str = ""  # on gpucap_pod_info and in the ledger, never on every series
 
     def labels(self) -> tuple[str, ...]:
         return (self.namespace, self.pod, self.container, self.workload_kind, self.workload, self.team)
@@ -79,6 +80,7 @@ class UnitRow:
     device_activity: float | None = None  # shares: the pod's fraction of the whole device
     device_fresh: bool = True  # False: NVML's reading expired; the unit is known from the last inventory
     holders_known: bool = True  # False: no fresh kubelet reading; allocations are empty because unknown
+    list_parent_price: float = 0.0  # the parent GPU's on-demand price (FOCUS ListCost)
 
     @property
     def lost(self) -> bool:
@@ -134,6 +136,21 @@ class UnitView:
     row: UnitRow
     state: str
     idle_seconds: float
+    streak: float | None = None  # held and at or below the idle threshold: the streak's id (its monotonic start)
+
+
+@dataclass(frozen=True, slots=True)
+class Accrual:
+    """Dollars one unit × holder accrued in one state over the interval that ended at this evaluation
+    (charged at the state and price seen at its start). The ledger books these per minute."""
+
+    view: UnitView  # the unit as seen at the start of the interval
+    state: str
+    start: float  # wall time
+    end: float
+    seconds: float
+    dollars: float
+    streak: float | None = None  # id of the idle streak this active time belongs to (rebooked if confirmed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,4 +271,6 @@ class AgentState:
     evaluation_success: bool = True
     skipped: tuple[tuple[str, str, int], ...] = ()  # (stage, reason, count since start), e.g. attribution
     mono: float = 0.0
+    accruals: tuple[Accrual, ...] = ()  # what this evaluation charged, for the ledger
+    history_write_errors: int | None = None  # None: no ledger configured
     extra: dict[str, Any] = field(default_factory=dict, compare=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import replace
 
 from agent.analytics import CostLedger, IdleTracker, OutcomeTracker
@@ -43,6 +44,7 @@ class Evaluator:
         self._inventory: dict[int, tuple[DeviceSample, ...]] = {}
         self._replicas: dict[str, int] = {}
         self.skipped: Counter[tuple[str, str]] = Counter()
+        self.history_errors: Callable[[], int] | None = None  # set when a ledger records the states
 
     def observe_step(self, step: float) -> None:
         """Fast-forward samples every `step` seconds: like an agent with that interval, whose max age
@@ -89,7 +91,7 @@ class Evaluator:
             self.skipped[("attribution", reason)] += n
         mono = snap.mono
         views = self.idle.update(att.rows, mono)
-        self.ledger.update(views, self.node_name, mono)
+        accruals = self.ledger.update(views, self.node_name, mono, snap.time)
         inf_views = self._inference(views, inference, meta, mono)
 
         node = meta.node if meta is not None else None
@@ -111,7 +113,8 @@ class Evaluator:
             time=snap.time, node=node_view, driver_version=nvml.driver_version if nvml else "",
             units=tuple(views), attribution=att, devices=nvml.devices if nvml else (),
             costs=tuple(self.ledger.rows()), inference=inf_views, pods=pods, collectors=snap.statuses(),
-            evaluation_success=True, skipped=self._skipped_rows(), mono=mono,
+            evaluation_success=True, skipped=self._skipped_rows(), mono=mono, accruals=tuple(accruals),
+            history_write_errors=self.history_errors() if self.history_errors is not None else None,
         )
 
     def _inference(self, views: tuple[UnitView, ...] | list[UnitView], inference, meta, mono: float) -> tuple:

@@ -74,8 +74,10 @@ def _kubernetes(ctx: BuildContext) -> tuple[Collector, float, float]:
         return ctx.env.metadata, k.interval, 10.0
     from collectors.kubernetes import KubernetesCollector
 
-    return (KubernetesCollector(ctx.node_name, k.team_label_keys, kubeconfig=k.kubeconfig or None,
-                                resync_seconds=k.resync), k.interval, 10.0)
+    kc = KubernetesCollector(ctx.node_name, k.team_label_keys, kubeconfig=k.kubeconfig or None,
+                             resync_seconds=k.resync)
+    kc.feature_label_keys = k.feature_label_keys
+    return kc, k.interval, 10.0
 
 
 @register("processes")
@@ -120,14 +122,21 @@ class Runtime:
     node_name: str
     env: Any = None  # SimEnvironment when simulating
 
+    history: Any = None  # HistoryRecorder when a ledger is kept
+
     def close(self) -> None:
         self.agent.close()
+        if self.history is not None:
+            self.history.close()
+            self.history = None
         if self.env is not None:
             self.env.close()
 
 
 def build_runtime(config: Config, *, simulate: str | None = None, speed: float = 1.0, realtime: bool = True,
-                  start: float | None = None, nvml_module: Any = None, on_state: Any = None) -> Runtime:
+                  start: float | None = None, nvml_module: Any = None, on_state: Any = None,
+                  history: str | None = None) -> Runtime:
+    """`history`: the ledger's file (None: no ledger). The counters resume from it."""
     env = None
     if simulate:
         from collectors.simulated.clock import SimClock
@@ -161,6 +170,28 @@ def build_runtime(config: Config, *, simulate: str | None = None, speed: float =
         if env is not None:
             env.close()
         raise
+    if env is not None and hasattr(env.metadata, "feature_label_keys"):
+        env.metadata.feature_label_keys = config.kubernetes.feature_label_keys
     evaluator = Evaluator(config, node_name)
-    agent = Agent(sources, evaluator, clock, on_state=on_state, fallback=evaluator.fallback)
-    return Runtime(agent, evaluator, clock, config, node_name, env)
+    recorder = None
+    hooks = [on_state] if on_state is not None else []
+    if history:
+        from agent.history import HistoryRecorder
+
+        try:
+            recorder = HistoryRecorder(history, node_name, retention=config.history.retention,
+                                       max_bytes=config.history.max_bytes)
+        except BaseException:
+            if env is not None:
+                env.close()
+            raise
+        evaluator.ledger.restore(recorder.writer.restore_counters())
+        evaluator.history_errors = lambda: recorder.write_errors
+        hooks.insert(0, recorder)
+
+    def on_each(state: Any) -> None:
+        for hook in hooks:
+            hook(state)
+
+    agent = Agent(sources, evaluator, clock, on_state=on_each if hooks else None, fallback=evaluator.fallback)
+    return Runtime(agent, evaluator, clock, config, node_name, env, history=recorder)

@@ -32,6 +32,7 @@ INSTANCE_TYPE_LABELS = ("node.kubernetes.io/instance-type", "beta.kubernetes.io/
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 SHARING_STRATEGY_LABEL = "nvidia.com/gpu.sharing-strategy"
 FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
+DEFAULT_FEATURE_LABEL_KEYS = ("gpucap.io/feature", "app.kubernetes.io/component")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,7 @@ class PodMeta:
     team: str
     pod_ip: str
     containers: Pairs  # (container name, runtime container id without the "containerd://" scheme)
+    feature: str = ""  # product feature (kubernetes.feature_label_keys: pod label, then namespace label)
 
     def label(self, key: str, default: str = "") -> str:
         return dict(self.labels).get(key, default)
@@ -160,7 +162,7 @@ def _strip_scheme(container_id: str) -> str:
 
 
 def pod_meta(obj: Mapping[str, Any], namespace_labels: Mapping[str, str], owner: tuple[str, str],
-             team_label_keys: Sequence[str]) -> PodMeta:
+             team_label_keys: Sequence[str], feature_label_keys: Sequence[str] = ()) -> PodMeta:
     """Raises KeyError/TypeError/AttributeError on a malformed object; callers skip and count."""
     meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
     ids = {s["name"]: _strip_scheme(s.get("containerID") or "")
@@ -173,6 +175,7 @@ def pod_meta(obj: Mapping[str, Any], namespace_labels: Mapping[str, str], owner:
         labels=_pairs(labels), annotations=_pairs(meta.get("annotations")),
         workload_kind=owner[0], workload=owner[1], team=team_of(labels, namespace_labels, team_label_keys),
         pod_ip=str(status.get("podIP") or ""), containers=tuple((n, ids.get(n, "")) for n in names),
+        feature=team_of(labels, namespace_labels, feature_label_keys),
     )
 
 
@@ -188,7 +191,8 @@ def node_meta(name: str, labels: Mapping[str, str], annotations: Mapping[str, st
 
 def _assemble(node: Mapping[str, Any], pods: Sequence[Mapping[str, Any]],
               namespace_labels: Mapping[str, Mapping[str, str]], lookup_rs: OwnerLookup,
-              lookup_job: OwnerLookup, team_label_keys: Sequence[str], now: float) -> KubeMetadata:
+              lookup_job: OwnerLookup, team_label_keys: Sequence[str], now: float,
+              feature_label_keys: Sequence[str] = ()) -> KubeMetadata:
     out: list[PodMeta] = []
     skipped = 0
     for obj in pods:
@@ -198,7 +202,8 @@ def _assemble(node: Mapping[str, Any], pods: Sequence[Mapping[str, Any]],
             meta = obj["metadata"]
             owner = resolve_owner(meta["namespace"], meta.get("ownerReferences"), lookup_rs, lookup_job,
                                   meta["name"])
-            out.append(pod_meta(obj, namespace_labels.get(meta["namespace"], {}), owner, team_label_keys))
+            out.append(pod_meta(obj, namespace_labels.get(meta["namespace"], {}), owner, team_label_keys,
+                                feature_label_keys))
         except (KeyError, TypeError, AttributeError, ValueError):
             skipped += 1  # one malformed object must not hide the node's other pods
     meta = node.get("metadata") or {}
@@ -266,6 +271,7 @@ class KubernetesCollector:
                  resync_seconds: float = 60.0, request_timeout: float = 5.0) -> None:
         self.node_name = node_name
         self.team_label_keys = tuple(team_label_keys)
+        self.feature_label_keys: tuple[str, ...] = DEFAULT_FEATURE_LABEL_KEYS
         self.kubeconfig = kubeconfig
         self.request_timeout = request_timeout
         self._client = api_client
@@ -374,7 +380,8 @@ class KubernetesCollector:
             return owner_refs
 
         meta = _assemble(node, pods, ns_labels, lookup("ReplicaSet", apps.read_namespaced_replica_set),
-                         lookup("Job", batch.read_namespaced_job), self.team_label_keys, now)
+                         lookup("Job", batch.read_namespaced_job), self.team_label_keys, now,
+                         self.feature_label_keys)
         for cache in (self._node, self._namespaces, self._owners):
             cache.prune(now)
         return replace(meta, lookup_errors=self.lookup_errors - lookup_errors)

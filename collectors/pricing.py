@@ -314,6 +314,11 @@ class Price:
     instance_type: str
     capacity_type: str
     gpu_model: str
+    list_hourly_dollars: float = -1.0  # the on-demand price before the spot/reserved ratio (-1: same)
+
+    @property
+    def list_hourly(self) -> float:
+        return self.hourly_dollars if self.list_hourly_dollars < 0 else self.list_hourly_dollars
 
 
 class PriceBook:
@@ -358,8 +363,8 @@ class PriceBook:
         row = self.catalog.instance_types.get(itype.casefold()) if itype else None
         shown_model = model or (row.gpu_model if row else "")
 
-        def priced(hourly: float, source: str) -> Price:
-            return Price(hourly, source, itype, capacity_type, shown_model)
+        def priced(hourly: float, source: str, ratio: float = 1.0) -> Price:
+            return Price(hourly, source, itype, capacity_type, shown_model, hourly / ratio if ratio > 0 else hourly)
 
         if annotation is not None:
             explicit = _parse_annotation(annotation)
@@ -371,19 +376,19 @@ class PriceBook:
                             "per GPU-hour); using the next price rule", node, PRICE_ANNOTATION, annotation)
         ratio = self._ratio(capacity_type)
         if itype and itype.casefold() in self._by_type:
-            return priced(self._by_type[itype.casefold()] * ratio, "config_instance_type")
+            return priced(self._by_type[itype.casefold()] * ratio, "config_instance_type", ratio)
         if model and model in self._by_model:
-            return priced(self._by_model[model] * ratio, "config_model")
+            return priced(self._by_model[model] * ratio, "config_model", ratio)
         if row is not None:
-            return priced(row.gpu_hourly * ratio, "catalog_instance_type")
+            return priced(row.gpu_hourly * ratio, "catalog_instance_type", ratio)
         if model and model in self.catalog.gpu_models:
-            return priced(self.catalog.gpu_models[model].gpu_hourly * ratio, "catalog_model")
+            return priced(self.catalog.gpu_models[model].gpu_hourly * ratio, "catalog_model", ratio)
         if ("unknown", itype, model) not in self._warned:
             self._warned.add(("unknown", itype, model))
             log.warning("no price known for instance type %r, GPU model %r: using the default $%.4g per "
                         "GPU-hour (set pricing.gpu_hourly_by_instance_type or pricing.gpu_hourly_by_model)",
                         itype, model, self.config.default_gpu_hourly)
-        return priced(self.config.default_gpu_hourly * ratio, "default")
+        return priced(self.config.default_gpu_hourly * ratio, "default", ratio)
 
 
 def _parse_annotation(value: str) -> float | None:

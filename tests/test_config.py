@@ -53,7 +53,7 @@ pricing:
   spot_ratio: 0.4
   reserved_ratio: 0.7
   mig_cost_basis: memory
-history: {interval: 2m, retention: 14d}  # a path is refused until the history store exists
+history: {interval: 2m, retention: 14d}
 """
 
 
@@ -83,7 +83,7 @@ def test_no_file_means_the_documented_defaults() -> None:
     assert (p.default_gpu_hourly, p.spot_ratio, p.reserved_ratio, p.mig_cost_basis, p.catalog_path) == (
         0.95, 0.35, 0.6, "compute", None)
     assert dict(p.gpu_hourly_by_instance_type) == {} and dict(p.gpu_hourly_by_model) == {}
-    assert (c.history.path, c.history.interval, c.history.retention) == ("", 60.0, 30 * 86400.0)
+    assert (c.history.path, c.history.interval, c.history.retention) == ("", 60.0, 35 * 86400.0)
 
 
 def test_an_empty_file_is_all_defaults(tmp_path: Path) -> None:
