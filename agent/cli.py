@@ -99,11 +99,14 @@ def main() -> None:
               help="Run on a simulated node: a built-in scenario name (gpucap scenarios) or a YAML file.")
 @click.option("--speed", envvar="GPUCAP_SPEED", show_envvar=True, type=click.FloatRange(min=0.001), default=1.0, show_default=True,
               help="With --simulate: simulated time runs this many times faster.")
+@click.option("--history", "history_path", envvar="GPUCAP_HISTORY", show_envvar=True, type=click.Path(dir_okay=False),
+              default=None, help="The node's ledger [history.path, else /var/lib/gpucap/history.db; a temp file "
+              "with --simulate].")
 @click.option("--log-format", envvar="GPUCAP_LOG_FORMAT", show_envvar=True, type=click.Choice(["text", "json"]), default=None)
 @click.option("--log-level", envvar="GPUCAP_LOG_LEVEL", show_envvar=True, type=click.Choice(["debug", "info", "warning", "error"]),
               default=None)
 def run(config_path: str | None, listen: str | None, interval: float | None, simulate: str | None, speed: float,
-        log_format: str | None, log_level: str | None) -> None:
+        history_path: str | None, log_format: str | None, log_level: str | None) -> None:
     """Run the agent: collect in the background, serve /metrics and /healthz."""
     from dataclasses import replace
 
@@ -117,7 +120,9 @@ def run(config_path: str | None, listen: str | None, interval: float | None, sim
     if interval is not None:
         config = replace(config, nvml=replace(config.nvml, interval=interval))
     setup_logging(log_format or config.log_format, log_level or config.log_level)
-    rt = _build(config, simulate, speed=speed, realtime=True)
+    from agent.sources import DEFAULT_LEDGER
+
+    rt = _build(config, simulate, speed=speed, realtime=True, history=history_path or DEFAULT_LEDGER)
     host, port = parse_listen(config.listen)  # type: ignore[misc]
     try:
         server = MetricsServer(host, port, lambda: rt.agent.state, lambda: rt.agent.last_evaluation_real,
@@ -221,6 +226,10 @@ def check_scenario(scenario: str) -> None:
         _fail(str(e), 2)
     click.echo(f"{scenario}: ok ({len(sc.gpus)}x {sc.model.key}, {len(sc.pods)} pods, {len(sc.faults)} faults)")
 
+
+from agent.cli_cost import cost as _cost
+
+main.add_command(_cost)
 
 if __name__ == "__main__":
     main()

@@ -250,12 +250,15 @@ class Ledger:
     def _serving(self, st: AgentState, node: str) -> None:
         minute = _minute(st.time)
         dt = max((a.seconds for a in st.accruals), default=0.0)
-        pod_dollars: dict[tuple[str, str], dict[str, float]] = {}
+        # the pod's dollars of this interval, by minute (the same split as the unit rows) and state
+        pod_dollars: dict[tuple[str, str], dict[tuple[int, str], float]] = {}
         for a in st.accruals:
             o = a.view.row.owner
             if o.pod:
                 d = pod_dollars.setdefault((o.namespace, o.pod), {})
-                d[a.state] = d.get(a.state, 0.0) + a.dollars
+                for m, secs in _split(a.start, a.end):
+                    k = (m, a.state)
+                    d[k] = d.get(k, 0.0) + a.dollars * (secs / a.seconds if a.seconds > 0 else 0.0)
         pod_hourly: dict[tuple[str, str], float] = {}
         for v in st.units:
             o = v.row.owner
@@ -289,8 +292,12 @@ class Ledger:
             # this entry's share of its pod's dollars this interval, by state (DESIGN §4 split)
             hourly = pod_hourly.get((o.namespace, o.pod), 0.0)
             frac = i.hourly_cost / hourly if hourly > 0 else 0.0
-            for state, dollars in pod_dollars.get((o.namespace, o.pod), {}).items():
-                val[f"d_{state}"] = val.get(f"d_{state}", 0.0) + dollars * frac
+            for (m, state), dollars in pod_dollars.get((o.namespace, o.pod), {}).items():
+                target = sm
+                if m != minute:
+                    mkey = (m, o.namespace, o.pod, i.server, i.model)
+                    target = self._servers.get(mkey) or self._servers.setdefault(mkey, _ServerMinute(dict(sm.info)))
+                target.values[f"d_{state}"] = target.values.get(f"d_{state}", 0.0) + dollars * frac
         if len(self._last_server) > 4096:
             cutoff = st.time - 3600
             self._last_server = {k: v for k, v in self._last_server.items() if v[3] >= cutoff}

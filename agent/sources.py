@@ -9,12 +9,14 @@ everywhere: config (`collectors.<name>.enabled`, `collectors.<name>.max_age`), l
 from __future__ import annotations
 
 import logging
+import os
+import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from agent.clock import Clock, WallClock
-from agent.config import Config
+from agent.config import DEFAULT_HISTORY_PATH, Config
 from agent.loop import Agent, Source
 from agent.pipeline import Evaluator
 from collectors.base import Collector
@@ -43,6 +45,7 @@ class CollectorSpec:
 
 
 REGISTRY: dict[str, CollectorSpec] = {}
+DEFAULT_LEDGER = "default"  # build_runtime(history=DEFAULT_LEDGER): history.path, else the default place
 
 
 def register(name: str, default_enabled: bool = True) -> Callable[[Callable], Callable]:
@@ -175,19 +178,27 @@ def build_runtime(config: Config, *, simulate: str | None = None, speed: float =
     evaluator = Evaluator(config, node_name)
     recorder = None
     hooks = [on_state] if on_state is not None else []
+    if history == DEFAULT_LEDGER:
+        # the configured path; on a node the hostPath default, in simulation a file that goes with the run
+        history = config.history.path or (os.path.join(env.tmp, "history.db") if env is not None
+                                          else DEFAULT_HISTORY_PATH) if config.history.enabled else None
     if history:
         from agent.history import HistoryRecorder
 
         try:
             recorder = HistoryRecorder(history, node_name, retention=config.history.retention,
                                        max_bytes=config.history.max_bytes)
+        except (OSError, sqlite3.Error) as e:
+            # a ledger that cannot be opened must not stop the agent: it serves /metrics without one
+            log.error("history %s cannot be opened (%s): running without a ledger", history, e)
         except BaseException:
             if env is not None:
                 env.close()
             raise
-        evaluator.ledger.restore(recorder.writer.restore_counters())
-        evaluator.history_errors = lambda: recorder.write_errors
-        hooks.insert(0, recorder)
+        if recorder is not None:
+            evaluator.ledger.restore(recorder.writer.restore_counters())
+            evaluator.history_errors = lambda: recorder.write_errors
+            hooks.insert(0, recorder)
 
     def on_each(state: Any) -> None:
         for hook in hooks:

@@ -1,0 +1,178 @@
+"""`gpucap cost`: GPU spend by team, namespace, workload, unit, feature, model and state, from the
+node's ledger (`--history`), a simulated node fast-forwarded into a temporary ledger (`--simulate`),
+or a fleet's Prometheus (`--prometheus`)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import click
+
+from agent.cli import _config, _duration, _fail, setup_logging
+from agent.cost import MAX_WINDOW, month_window, parse_by, report_from_history, to_csv, to_json_text, to_table
+
+
+def fill_simulated_history(config: Any, scenario: str, seconds: float, path: str, start: float | None = None) -> None:
+    """Run the whole agent on the simulated node for `seconds` of simulated time, recording the ledger."""
+    from agent.sources import build_runtime
+    from collectors.schema import InputError
+
+    try:
+        rt = build_runtime(config, simulate=scenario, realtime=False, start=start, history=path)
+    except InputError as e:
+        _fail(str(e), 2)
+    try:
+        step = max(config.nvml.interval, 60.0)
+        progress = _progress(seconds)
+        try:
+            from agent import simulate as fast  # the fast-forward engine, where present
+
+            fast.fast_forward(rt, seconds, step=step, on_progress=progress)
+        except ImportError:
+            rt.agent.run_until(rt.clock, rt.clock.start + seconds, step)
+    finally:
+        rt.close()
+
+
+def _progress(total: float) -> Any:
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from rich.progress import Progress
+    except ImportError:
+        return None
+    bar = Progress(transient=True)
+    task = bar.add_task("simulating", total=1.0)
+    bar.start()
+
+    def update(fraction: float) -> None:
+        bar.update(task, completed=fraction)
+        if fraction >= 1.0:
+            bar.stop()
+    return update
+
+
+@click.command()
+@click.option("--history", "history_path", envvar="GPUCAP_HISTORY", show_envvar=True,
+              type=click.Path(dir_okay=False), help="The node's ledger (history.db).")
+@click.option("--simulate", envvar="GPUCAP_SIMULATE", show_envvar=True, default=None, metavar="SCENARIO",
+              help="Fast-forward a simulated node over the window (headless) and report on it.")
+@click.option("--prometheus", "prometheus_url", envvar="GPUCAP_PROMETHEUS", show_envvar=True, default=None,
+              metavar="URL", help="A Prometheus-compatible store with gpucap's series (fleet-wide report).")
+@click.option("--window", envvar="GPUCAP_WINDOW", show_envvar=True, callback=_duration, default=None,
+              help="How far back from now (or from the end of the simulation), e.g. 7d [30d; 7d with --simulate].")
+@click.option("--month", envvar="GPUCAP_MONTH", show_envvar=True, default=None, metavar="YYYY-MM",
+              help="A calendar month (UTC) instead of --window.")
+@click.option("--by", "by", envvar="GPUCAP_BY", show_envvar=True, default="team", show_default=True,
+              help="Comma-separated: team, namespace, workload, unit, feature, model, node (state is always a key).")
+@click.option("--format", "fmt", envvar="GPUCAP_FORMAT", show_envvar=True,
+              type=click.Choice(["table", "csv", "json", "focus"]), default="table", show_default=True)
+@click.option("--output", "output", envvar="GPUCAP_OUTPUT", show_envvar=True, type=click.Path(dir_okay=False),
+              default=None, help="Write to this file instead of standard output.")
+@click.option("--config", "config_path", envvar="GPUCAP_CONFIG", show_envvar=True, type=click.Path(dir_okay=False))
+@click.option("--start", "start", type=float, default=None, hidden=True,
+              help="With --simulate: the simulated clock's start (Unix seconds), for reproducible output.")
+def cost(history_path: str | None, simulate: str | None, prometheus_url: str | None, window: float | None,
+         month: str | None, by: str, fmt: str, output: str | None, config_path: str | None,
+         start: float | None) -> None:
+    """GPU spend split into active, idle reserved, lost, unknown and unallocated; reconciles to the cent."""
+    sources = [x for x in (history_path, simulate, prometheus_url) if x]
+    if len(sources) != 1:
+        raise click.UsageError("give exactly one of --history PATH, --simulate SCENARIO or --prometheus URL")
+    if window is not None and month is not None:
+        raise click.UsageError("give --window or --month, not both")
+    try:
+        keys = parse_by(by)
+        month_range = month_window(month) if month else None
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    if window is not None and window > MAX_WINDOW:
+        raise click.BadParameter(f"expected at most 90d, got {window / 86400:g}d", param_hint="--window")
+    config = _config(config_path)
+    setup_logging("text", "error")
+    tmp = None
+    try:
+        if prometheus_url:
+            from agent.fleet import report_from_prometheus
+
+            end = month_range[1] if month_range else time.time()
+            begin = month_range[0] if month_range else end - (window or 30 * 86400.0)
+            report = report_from_prometheus(prometheus_url, begin, min(end, time.time()), keys)
+        else:
+            if simulate:
+                seconds = window or 7 * 86400.0
+                tmp = tempfile.mkdtemp(prefix="gpucap-cost-")
+                history_path = os.path.join(tmp, "history.db")
+                fill_simulated_history(config, simulate, seconds, history_path, start)
+            report = _from_ledger(history_path, window, month_range, keys, bool(simulate), fmt, config)
+        text = report if isinstance(report, str) else _render(report, fmt, config)
+    finally:
+        if tmp is not None:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    if output:
+        with open(output, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
+def _from_ledger(path: str | None, window: float | None, month_range: tuple[float, float] | None,
+                 keys: tuple[str, ...], simulated: bool, fmt: str = "table", config: Any = None) -> Any:
+    from agent.history import History
+
+    assert path is not None
+    try:
+        history = History(path)
+    except FileNotFoundError:
+        _fail(f"{path}: no such ledger (run the agent with --history {path}, or history.path in the config)", 2)
+    try:
+        span = history.span()
+        if span is None:
+            _fail(f"{path}: the ledger holds no minute yet", 1)
+        if month_range:
+            begin, end = month_range
+        else:
+            end = span[1] if simulated else max(span[1], _minute_now())
+            begin = span[0] if simulated and window is None else end - (window or 30 * 86400.0)
+        if fmt == "focus":
+            import io
+
+            from agent.focus import FocusSettings, write_focus
+
+            settings = getattr(getattr(config, "cost", None), "focus", None) or FocusSettings()
+            buf = io.StringIO()
+            write_focus(history.hour_rows(begin, end), buf, settings)
+            return buf.getvalue()
+        return report_from_history(history, begin, end, keys)
+    finally:
+        history.close()
+
+
+def _minute_now() -> float:
+    return float(int(time.time() // 60) * 60)
+
+
+def _render(report: Any, fmt: str, config: Any) -> str:
+    if fmt == "json":
+        return to_json_text(report) + "\n"
+    if fmt == "csv":
+        return to_csv(report)
+    if fmt == "focus":
+        raise click.UsageError("--format focus needs a ledger (--history or --simulate), not --prometheus")
+    text = to_table(report)
+    budgets = getattr(getattr(config, "cost", None), "budgets", None)
+    if budgets:
+        try:
+            from agent.budgets import budget_lines
+
+            text += "\n" + "\n".join(budget_lines(report, budgets)) + "\n"
+        except ImportError:
+            pass
+    return text
