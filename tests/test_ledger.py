@@ -63,7 +63,7 @@ def test_ledger_reconciles_exactly(scenario: str, tmp_path: Path) -> None:
     start, end = h.span()
     rows = list(h.hour_rows(start, end))
     observed = h.observed_seconds(start, end)
-    (node, secs), = observed.items()
+    ((_node, secs),) = observed.items()
     assert secs == pytest.approx(90 * 60, abs=60)
     dollars = sum(r.dollars for r in rows)
     # every row: its own price × its own seconds; all rows: the node's price × observed hours
