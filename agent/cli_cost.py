@@ -97,11 +97,16 @@ def cost(history_path: str | None, simulate: str | None, prometheus_url: str | N
     tmp = None
     try:
         if prometheus_url:
-            from agent.fleet import report_from_prometheus
+            from agent.fleet import FleetError, report_from_prometheus
 
             end = month_range[1] if month_range else time.time()
             begin = month_range[0] if month_range else end - (window or 30 * 86400.0)
-            report = report_from_prometheus(prometheus_url, begin, min(end, time.time()), keys)
+            if fmt == "focus":
+                raise click.UsageError("--format focus needs a ledger (--history or --simulate), not --prometheus")
+            try:
+                report = report_from_prometheus(prometheus_url, begin, min(end, time.time()), keys)
+            except FleetError as e:
+                _fail(str(e), 1)
         else:
             if simulate:
                 seconds = window or 7 * 86400.0
