@@ -12,8 +12,33 @@ from typing import Any
 
 import click
 
-from agent.cli import _config, _duration, _fail, setup_logging
 from agent.cost import MAX_WINDOW, month_window, parse_by, report_from_history, to_csv, to_json_text, to_table
+
+
+# agent.cli registers this command at its end: import its helpers when called, so `python -m agent.cli`
+# (where agent.cli runs as __main__) has no import cycle
+def _duration(ctx: Any, param: Any, value: Any) -> float | None:
+    from agent.cli import _duration as parse
+
+    return parse(ctx, param, value)
+
+
+def _fail(message: str, code: int) -> None:
+    from agent.cli import _fail as fail
+
+    fail(message, code)
+
+
+def _config(path: str | None) -> Any:
+    from agent.cli import _config as load
+
+    return load(path)
+
+
+def setup_logging(fmt: str, level: str) -> None:
+    from agent.cli import setup_logging as setup
+
+    setup(fmt, level)
 
 
 def fill_simulated_history(config: Any, scenario: str, seconds: float, path: str, start: float | None = None) -> None:
