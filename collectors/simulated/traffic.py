@@ -6,6 +6,12 @@ HTTP server, and tests render a state to literal text. The state is rendered wit
 metric names, types and labels, so the scraper in `collectors/inference.py` reads exactly what it
 would read from vLLM, Triton, TGI or SGLang. A server *restart* (counters back to zero) is
 `TrafficModel.restart()`: the next render starts its counters from zero.
+
+A model built with `warmup_s` (the simulated node passes `WARMUP_S`) starts *warm*: its first advance
+puts it in the state it would have after that long at the first arrival rate (a full batch and a
+grown queue when over-loaded, counters and rates as after the warm-up), so the first snapshot or
+scrape of a simulated node already tells its story. Only the traffic is warm: scenario times (faults,
+pod lifetimes) and the agent's idle window still count from the start.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ SERVERS = ("vllm", "triton", "tgi", "sglang")
 
 # Closed form per step, so the step only bounds how coarse the arrival noise is; 7 days = 10 080 steps.
 MAX_STEP_S = 60.0
+# How long the simulated servers have been serving when the simulation starts (see the module docstring).
+WARMUP_S = 600.0
 FAILURE_FRACTION = 0.005
 # How much of the KV cache a full batch uses, the rest filling with queue pressure (prefill of waiting work).
 _KV_RUNNING_SHARE = 0.85
@@ -59,6 +67,7 @@ class TrafficModel:
         mean_generated_tokens: int,
         max_running: int,
         seed: int,
+        warmup_s: float = 0.0,
     ):
         if server not in SERVERS:
             raise ValueError(f"unknown server {server!r}; expected one of {', '.join(SERVERS)}")
@@ -77,11 +86,24 @@ class TrafficModel:
         self._effective_capacity = capacity_rps
         self._served = 0.0  # since the last restart: what the server's counters show
         self._failed = 0.0
+        self.warmup_s = max(0.0, warmup_s)
+
+    def _warm_up(self, now: float, arrival_rps: float, capacity: float) -> None:
+        """The steady state after `warmup_s` at this arrival rate, in closed form (no noise): served at
+        min(arrival, capacity), the excess queued, counters as if the server had run that long."""
+        served_rate = min(arrival_rps, capacity)
+        self._effective_capacity = capacity
+        self._served_rate = served_rate
+        self._backlog = max(0.0, arrival_rps - capacity) * self.warmup_s
+        self._served = served_rate * self.warmup_s
+        self._failed = self._served * FAILURE_FRACTION
 
     def advance(self, now: float, arrival_rps: float, capacity_factor: float = 1.0) -> TrafficState:
         """Integrate from the previous `now` at a constant arrival rate. Time going backwards is ignored."""
-        if self._last is None:  # the first call only fixes where simulated time starts
+        if self._last is None:  # the first call fixes where simulated time starts (and warms up)
             self._last = now
+            if self.warmup_s > 0:
+                self._warm_up(now, max(0.0, arrival_rps), max(0.0, self.capacity_rps * capacity_factor))
             return self.state
         if now <= self._last:
             return self.state
