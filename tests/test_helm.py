@@ -33,7 +33,7 @@ NAMESPACE = "gpucap-system"
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 # Top-level keys of gpucap's config file (docs: contract).
 CONFIG_KEYS = {"node_name", "listen", "log", "nvml", "kubelet", "kubernetes", "processes", "inference", "idle",
-               "saturation", "outcome", "pricing"}
+               "saturation", "outcome", "pricing", "history"}
 
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool not installed (Debian package 'prometheus'); CI installs it")
@@ -165,9 +165,9 @@ def test_container_is_hardened(which: str, default_objects: Objects, full_object
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert "hostNetwork" not in pod and "hostIPC" not in pod
-    # read-only root: only /tmp (an emptyDir) is writable; nothing of the node is
+    # read-only root: only /tmp (an emptyDir) and the ledger's own directory on the node are writable
     writable = {m["mountPath"] for m in container(objects)["volumeMounts"] if not m.get("readOnly")}
-    assert writable == {"/tmp"}
+    assert writable == {"/tmp", "/var/lib/gpucap"}
     volumes = {v["name"]: v for v in pod["volumes"]}
     tmp = next(m for m in container(objects)["volumeMounts"] if m["mountPath"] == "/tmp")
     assert "emptyDir" in volumes[tmp["name"]]
@@ -213,8 +213,14 @@ def test_daemonset_lands_on_gpu_nodes_and_sees_every_gpu(default_objects: Object
     assert c["resources"]["requests"] and c["resources"]["limits"]
     for probe in (c["livenessProbe"], c["readinessProbe"]):
         assert probe["httpGet"] == {"path": "/healthz", "port": "metrics"}
-    # The only thing of the node it mounts is the kubelet's socket directory (no history store yet).
-    assert [v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v] == ["/var/lib/kubelet/pod-resources"]
+    # Of the node it mounts the kubelet's socket directory (read-only) and the ledger's directory.
+    assert [v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v] == [
+        "/var/lib/kubelet/pod-resources", "/var/lib/gpucap"]
+    assert gpucap_config(default_objects)["history"]["path"] == "/var/lib/gpucap/history.db"
+    off = render({"history": {"enabled": False}})
+    assert gpucap_config(off)["history"] == {"enabled": False}
+    assert [v["hostPath"]["path"] for v in one(off, "DaemonSet")["spec"]["template"]["spec"]["volumes"]
+            if "hostPath" in v] == ["/var/lib/kubelet/pod-resources"]
 
 
 def test_all_features_switch_on_runtime_class_host_pid_and_processes(full_objects: Objects) -> None:
@@ -254,10 +260,10 @@ def test_gpucap_accepts_the_daemonset_command_line(which: str, default_objects: 
 
 
 def test_command_line_check_rejects_an_option_gpucap_lacks(default_objects: Objects) -> None:
-    """The check above can fail: `--history` (no history store yet) is refused, as `gpucap run` would."""
+    """The check above can fail: an option `gpucap run` lacks is refused, as `gpucap run` would."""
     c = container(default_objects)
-    with pytest.raises(click.UsageError, match="--history"):
-        parse_gpucap_command_line(c["command"] + c["args"] + ["--history", "/var/lib/gpucap/history.db"])
+    with pytest.raises(click.UsageError, match="--ledger"):
+        parse_gpucap_command_line(c["command"] + c["args"] + ["--ledger", "/var/lib/gpucap/history.db"])
 
 
 def test_config_change_rolls_the_pods(default_objects: Objects) -> None:
@@ -343,9 +349,10 @@ def test_price_catalog_path_reaches_gpucap(gpus: int, accepted: bool, tmp_path: 
     ({"config": {"pricing": {"default_gpu_hourly": -1}}}, "default_gpu_hourly"),
     ({"config": {"idle": {"window": "thirty minutes"}}}, "window"),
     ({"prometheusRule": {"alerts": {"GpucapIdleReserved": {"threshold": 1}}}}, "GpucapIdleReserved"),
-    # no local history store yet: gpucap refuses history.path, the chart offers no history at all
-    ({"history": {"enabled": True}}, "history"),
-    ({"hostPaths": {"history": "/var/lib/gpucap"}}, "history"),
+    # the chart owns the ledger's place: values.history, never config.history
+    ({"history": {"enabled": "yes"}}, "enabled"),
+    ({"history": {"retention": "two weeks"}}, "retention"),
+    ({"history": {"hostPath": "gpucap"}}, "hostPath"),
     ({"config": {"history": {"retention": "14d"}}}, "history"),
     ({"config": {"kubernetes": {"kubeconfig": "/root/.kube/config"}}}, "kubeconfig"),  # in-cluster: ServiceAccount
     ({"config": {"kubernetes": {"interval": "soon"}}}, "interval"),

@@ -54,6 +54,15 @@ pod spec: the listen port, the mounted socket, hostPID for the processes collect
 {{- $kubelet := deepCopy (get $cfg "kubelet" | default dict) }}
 {{- $_ := set $kubelet "socket" (printf "%s/kubelet.sock" (include "gpucap.podResourcesMount" .)) }}
 {{- $_ := set $cfg "kubelet" $kubelet }}
+{{- $history := deepCopy (get $cfg "history" | default dict) }}
+{{- if .Values.history.enabled }}
+{{- $_ := set $history "path" "/var/lib/gpucap/history.db" }}
+{{- $_ := set $history "retention" .Values.history.retention }}
+{{- $_ := set $history "max_size" .Values.history.maxSize }}
+{{- else }}
+{{- $_ := set $history "enabled" false }}
+{{- end }}
+{{- $_ := set $cfg "history" $history }}
 {{- if not .Values.hostPID }}
 {{- $processes := deepCopy (get $cfg "processes" | default dict) }}
 {{- $_ := set $processes "enabled" false }}
