@@ -242,7 +242,7 @@ def _sort_key(sort: str) -> Any:
         o = v.row.owner
         first: tuple = {
             "gpu": (), "state": (STATE_ORDER.get(v.state, 9),), "cost": (-v.row.hourly_price,),
-            "activity": (-1.0 if v.row.activity is None else v.row.activity,),
+            "activity": (1.0 if v.row.activity is None else -v.row.activity,),  # busiest first, no signal last
             "memory": (-(v.row.memory_used_bytes or 0),), "team": (o.team or "\uffff",),
             "holder": (f"{o.namespace}/{o.workload or o.pod}" if o.pod else "\uffff",),
         }[sort]

@@ -1,0 +1,182 @@
+"""What a person sees at a terminal: tables that fit, no escape codes in pipes, failures in sight.
+
+The 80-column checks run twice: through `COLUMNS=80` (how most terminals, CI and `watch` tell a
+program their width) and in a real 80-column tmux pane, where the program sees a TTY and must find the
+width itself. "Fits" means no line longer than the pane, i.e. nothing wraps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ESC = re.compile(r"\x1b\[")
+# the subprocesses get a clean environment: no GPUCAP_* setting or width from the developer's shell
+BASE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("GPUCAP_") and k not in ("COLUMNS", "NO_COLOR")}
+
+
+def gpucap(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The installed command as a user runs it, its stdout a pipe (not a terminal)."""
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args], check=False, capture_output=True, text=True, cwd=REPO,
+                          env={**BASE_ENV, **env}, timeout=120)
+
+
+def ok(p: subprocess.CompletedProcess[str]) -> str:
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
+    return p.stdout
+
+
+def too_long(text: str, width: int) -> list[str]:
+    return [line for line in text.splitlines() if len(line) > width]
+
+
+def test_snapshot_fits_80_columns_with_the_first_columns() -> None:
+    out = ok(gpucap("snapshot", "--simulate", "demo", COLUMNS="80"))
+    assert too_long(out, 80) == []
+    header = next(line for line in out.splitlines() if line.startswith("GPU"))
+    assert header.split() == ["GPU", "STATE", "HELD", "BY", "TEAM", "ACT", "MEM", "$/H"]
+    assert "catalog_instance_type" in out and out.count("catalog_instance_type") == 1  # said once, not per row
+    assert "serving/notebook" not in out and "research/notebook-alice" in out
+    assert "yes (queue+kv)" in out  # warm start: the saturated vLLM is saturated on the first screen
+
+
+def test_mig_table_fits_and_free_slices_sort_last() -> None:
+    out = ok(gpucap("snapshot", "--simulate", "mig", COLUMNS="80"))
+    assert too_long(out, 80) == []
+    gpu1 = [line.split()[0] for line in out.splitlines() if line.startswith("1/")]
+    assert gpu1[-1] == "1/free" and gpu1[0] == "1/gi1"
+    wide = ok(gpucap("snapshot", "--simulate", "mig", "--wide"))
+    row = next(line for line in wide.splitlines() if line.startswith("0/gi1 "))
+    assert "H100 80GB HBM3" in row and "3g.40gb" in row  # model and profile each in their own column
+
+
+def test_wide_shows_every_column() -> None:
+    out = ok(gpucap("snapshot", "--simulate", "demo", "--wide", COLUMNS="80"))
+    header = next(line for line in out.splitlines() if line.startswith("GPU"))
+    for column in ("GPU", "MODEL", "PROFILE", "STATE", "ACTIVITY", "UTIL", "SM", "MEM GiB", "POWER", "POD",
+                   "KIND", "WORKLOAD", "TEAM", "$/H", "$/MONTH", "PRICE SOURCE", "UUID"):
+        assert column in header, column
+    assert "training/finetune-llama-8b-0-worker-0" in out and "…" not in out  # nothing is cut
+    for column in ("RUNNING", "REQ/S", "$/1M TOK", "URL"):
+        assert column in out
+
+
+def test_filters_sort_and_no_headers() -> None:
+    out = ok(gpucap("snapshot", "--simulate", "demo", "--filter", "team=research"))
+    rows = [line for line in out.splitlines() if re.match(r"^\d ", line)]
+    assert len(rows) == 2 and all("research" in r for r in rows)
+    assert "showing 2 of 8 units (team=research)" in out
+    free = ok(gpucap("snapshot", "--simulate", "demo", "--no-headers", "--filter", "state=unallocated"))
+    assert free.splitlines() == [free.splitlines()[0]] and free.split()[0] == "7"
+    by_activity = ok(gpucap("snapshot", "--simulate", "demo", "--no-headers", "--sort", "activity"))
+    assert [line.split()[0] for line in by_activity.splitlines()][:4] == ["2", "4", "5", "6"]  # busiest first
+
+
+def test_a_bad_filter_names_the_value_and_the_choices() -> None:
+    p = gpucap("snapshot", "--simulate", "demo", "--filter", "tema=research")
+    assert p.returncode == 2
+    assert "'tema'" in p.stderr and "did you mean 'team'" in p.stderr and "Traceback" not in p.stderr
+    p = gpucap("snapshot", "--simulate", "demo", "--filter", "state=sleeping")
+    assert p.returncode == 2 and "'sleeping'" in p.stderr and "idle_reserved" in p.stderr
+
+
+@pytest.mark.parametrize("env", [{}, {"NO_COLOR": "1"}])
+def test_piped_and_no_color_output_has_no_escape_codes(env: dict[str, str]) -> None:
+    out = ok(gpucap("snapshot", "--simulate", "demo-lost-gpu", "--at", "20m", **env))
+    assert "GPU LOST" in out and not ESC.search(out)
+
+
+def test_no_color_on_a_terminal_has_no_escape_codes() -> None:
+    """A TTY would get colour; NO_COLOR wins (the check that colour is there at all is the tmux test)."""
+    from agent.tables import Out
+
+    class Tty:
+        def isatty(self) -> bool:
+            return True
+
+    os.environ["NO_COLOR"] = "1"
+    try:
+        assert Out.detect(stream=Tty()).colour is False
+    finally:
+        del os.environ["NO_COLOR"]
+    assert Out.detect(stream=Tty()).colour is True
+
+
+def test_a_refused_inference_target_is_in_the_footer_and_in_json(tmp_path: Path) -> None:
+    closed = _closed_port()
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("inference:\n  targets:\n"
+                   f"    - {{url: 'http://user:s3cret@127.0.0.1:{closed}/metrics?token=abc', namespace: serving, "
+                   "pod: my-llm-0}\n")
+    out = ok(gpucap("snapshot", "--simulate", "demo", "--config", str(cfg), COLUMNS="80"))
+    assert too_long(out, 80) == []
+    footer = out[out.index("sources:"):]
+    assert "inference serving/my-llm-0: connection" in footer
+    assert f"http://127.0.0.1:{closed}/metrics" in footer and "refused" in footer.lower()
+    assert "s3cret" not in out and "token=abc" not in out
+    data = json.loads(ok(gpucap("snapshot", "--simulate", "demo", "--config", str(cfg), "--format", "json")))
+    bad = [t for t in data["targets"] if not t["ok"]]
+    assert len(bad) == 1
+    assert bad[0]["pod"] == "my-llm-0" and bad[0]["error_kind"] == "connection" and bad[0]["failing_since"]
+    assert bad[0]["url"] == f"http://127.0.0.1:{closed}/metrics" and "s3cret" not in json.dumps(data)
+    inference = next(c for c in data["collectors"] if c["name"] == "inference")
+    assert inference["targets_failing"] == 1  # "success" alone would hide it: the other targets answer
+    assert all(t["ok"] for t in data["targets"] if t["pod"] != "my-llm-0")
+
+
+def test_xid_history_and_unattributed_use_per_gpu() -> None:
+    lost = json.loads(ok(gpucap("snapshot", "--simulate", "demo-lost-gpu", "--at", "20m", "--format", "json")))
+    gpu5 = next(u for u in lost["units"] if u["gpu"] == 5)
+    assert {"xid": 79, "count": 1} in gpu5["xid_errors"]
+    table = ok(gpucap("snapshot", "--simulate", "demo-lost-gpu", "--at", "20m"))
+    assert "GPU 5: Xid 79 x1 (GPU has fallen off the bus)" in table
+    shared = ok(gpucap("snapshot", "--simulate", "timeslice", COLUMNS="80"))
+    assert re.search(r"GPU 0: \d+% activity and [\d.]+ GiB used by processes\s+outside any pod", shared)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed (Debian package tmux)")
+def test_snapshot_fits_a_real_80_column_tmux_pane(tmp_path: Path) -> None:
+    """A real terminal: gpucap sees a TTY of 80 columns (no COLUMNS), and every line fits it."""
+    sock = f"gpucap-{uuid.uuid4().hex[:8]}"
+    done = tmp_path / "done"
+    env = " ".join(f"{k}={v}" for k, v in {"TERM": "xterm-256color"}.items())
+    cmd = (f"cd {REPO} && unset COLUMNS NO_COLOR && {env} {sys.executable} -m agent.cli snapshot --simulate demo; "
+           f"echo $? > {done}; sleep 60")
+    tmux = ["tmux", "-L", sock, "-f", "/dev/null"]
+    subprocess.run([*tmux, "new-session", "-d", "-x", "80", "-y", "50", "sh", "-c", cmd], check=True, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert done.exists() and done.read_text().strip() == "0"
+        width = subprocess.run([*tmux, "display", "-p", "#{pane_width}"], check=False, capture_output=True,
+                               text=True).stdout
+        assert width.strip() == "80"
+        # -J joins wrapped lines: a line that did not fit comes back longer than 80
+        joined = subprocess.run([*tmux, "capture-pane", "-p", "-J", "-S", "-100"], capture_output=True,
+                                text=True, check=True).stdout
+        coloured = subprocess.run([*tmux, "capture-pane", "-p", "-e", "-S", "-100"], capture_output=True,
+                                  text=True, check=True).stdout
+    finally:
+        subprocess.run([*tmux, "kill-server"], check=False, capture_output=True)
+    assert "GPU" in joined and "research/notebook-alice" in joined
+    assert too_long(joined, 80) == []
+    assert ESC.search(coloured)  # on a terminal the states are coloured
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
