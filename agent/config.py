@@ -95,6 +95,12 @@ class HistoryConfig:
 DEFAULT_HISTORY_PATH = "/var/lib/gpucap/history.db"
 
 
+# Bounds on every timer setting (checked by check-config too): a value past them is a mistake that
+# would otherwise pass validation and then kill a loop thread (1e308 s) or spin a core (1 ms).
+_INTERVAL = {"minimum": 1.0, "maximum": 86400.0}
+_TIMEOUT = {"minimum": 0.1, "maximum": 3600.0}
+_WINDOW = {"minimum": 1.0, "maximum": 30 * 86400.0}
+
 COLLECTOR_NAMES = ("nvml", "podresources", "kubernetes", "processes", "inference")
 
 
@@ -177,20 +183,20 @@ def _read_config(r: Reader) -> Config:
     lg.done()
 
     nv = r.section("nvml")
-    nvml = SourceConfig(nv.duration("interval", 10.0), nv.duration("timeout", 5.0))
+    nvml = SourceConfig(nv.duration("interval", 10.0, **_INTERVAL), nv.duration("timeout", 5.0, **_TIMEOUT))
     nv.done()
 
     kl = r.section("kubelet")
     kubelet = KubeletConfig(
-        socket=kl.str("socket", DEFAULT_SOCKET), interval=kl.duration("interval", 10.0),
-        timeout=kl.duration("timeout", 5.0), explicit=kl.has("socket"),
+        socket=kl.str("socket", DEFAULT_SOCKET), interval=kl.duration("interval", 10.0, **_INTERVAL),
+        timeout=kl.duration("timeout", 5.0, **_TIMEOUT), explicit=kl.has("socket"),
     )
     kl.done()
 
     k8 = r.section("kubernetes")
     kube = KubernetesConfig(
-        enabled=k8.bool("enabled", True), kubeconfig=k8.str("kubeconfig", ""), resync=k8.duration("resync", 60.0),
-        interval=k8.duration("interval", 15.0),
+        enabled=k8.bool("enabled", True), kubeconfig=k8.str("kubeconfig", ""), resync=k8.duration("resync", 60.0, **_INTERVAL),
+        interval=k8.duration("interval", 15.0, **_INTERVAL),
         team_label_keys=_str_list(k8, "team_label_keys", ["team", "app.kubernetes.io/part-of"]),
         feature_label_keys=_str_list(k8, "feature_label_keys", ["gpucap.io/feature", "app.kubernetes.io/component"]),
         pod_label_allowlist=_str_list(k8, "pod_label_allowlist", []),
@@ -214,19 +220,19 @@ def _read_config(r: Reader) -> Config:
         targets.append(InferenceTargetConfig(url, tr.str("namespace", ""), tr.str("pod", "")))
         tr.done()
     inference = InferenceConfig(
-        discover=inf.bool("discover", True), interval=inf.duration("interval", 15.0),
-        timeout=inf.duration("timeout", 2.0), max_bytes=inf.number("max_bytes", 10 * 2**20, integer=True, minimum=1024),
+        discover=inf.bool("discover", True), interval=inf.duration("interval", 15.0, **_INTERVAL),
+        timeout=inf.duration("timeout", 2.0, **_TIMEOUT), max_bytes=inf.number("max_bytes", 10 * 2**20, integer=True, minimum=1024),
         targets=tuple(targets),
     )
     inf.done()
 
     idl = r.section("idle")
-    idle = IdleConfig(idl.number("threshold", 0.05, minimum=0.0, maximum=1.0), idl.duration("window", 1800.0))
+    idle = IdleConfig(idl.number("threshold", 0.05, minimum=0.0, maximum=1.0), idl.duration("window", 1800.0, **_WINDOW))
     idl.done()
 
     sat = r.section("saturation")
     saturation = SaturationConfig(
-        window=sat.duration("window", 300.0),
+        window=sat.duration("window", 300.0, **_WINDOW),
         queue_fraction=sat.number("queue_fraction", 0.5, minimum=0.0, maximum=1.0),
         kv_cache_threshold=sat.number("kv_cache_threshold", 0.95, minimum=0.0, maximum=1.0),
         sm_active_threshold=sat.number("sm_active_threshold", 0.95, minimum=0.0, maximum=1.0),
@@ -234,13 +240,14 @@ def _read_config(r: Reader) -> Config:
     sat.done()
 
     out = r.section("outcome")
-    outcome_window = out.duration("window", 900.0)
+    outcome_window = out.duration("window", 900.0, **_WINDOW)
     out.done()
 
     pricing = read_pricing_config(r.section("pricing"), base_dir=os.path.dirname(os.path.abspath(where)))
 
     hs = r.section("history")
-    history = HistoryConfig(hs.str("path", ""), hs.duration("interval", 60.0), hs.duration("retention", "35d"),
+    history = HistoryConfig(hs.str("path", ""), hs.duration("interval", 60.0, **_INTERVAL),
+                            hs.duration("retention", "35d", minimum=3600.0, maximum=3660 * 86400.0),
                             hs.size("max_size", 512 * 2**20), hs.bool("enabled", True))
     hs.done()
 
@@ -264,7 +271,7 @@ def _read_collectors(r: Reader, legacy_enabled: dict[str, bool]) -> tuple[tuple[
     for name in COLLECTOR_NAMES:
         c = r.section(name)
         enabled = c.bool("enabled", True) and legacy_enabled.get(name, True)
-        out.append((name, CollectorSettings(enabled, c.duration("max_age", None))))
+        out.append((name, CollectorSettings(enabled, c.duration("max_age", None, minimum=1.0, maximum=7 * 86400.0))))
         c.done()
     r.done(aliases={"kubelet": "podresources"})
     return tuple(out)

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from collectors.schema import InputError, Problem, Reader, parse_yaml
+from collectors.schema import InputError, Problem, Reader, parse_yaml, read_text_file
 
 log = logging.getLogger(__name__)
 
@@ -213,10 +213,11 @@ def read_catalog_file(path: str, config: Reader, key_path: str = "pricing.catalo
     """Read the price file named at `key_path` of the config file `config` reads; an unreadable
     file is the config's mistake (at that key), a bad row the price file's own."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = "no such file" if isinstance(exc, FileNotFoundError) else (
-            exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))
+        # size-capped, regular files only (/dev/zero is refused at once), UTF-8; never echoes content
+        text = read_text_file(path, "price")
+    except InputError as exc:
+        first = exc.problems[0]
+        reason = "no such file" if first.detail.startswith("no such") else (first.detail or first.expected)
         config.problems.append(Problem(config.where, key_path, f"a readable price file ({reason})", path))
         return _EMPTY_CATALOG
     return read_catalog(text, path, config.problems, allow_default=False)

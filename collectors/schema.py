@@ -32,6 +32,7 @@ _SKIP: Any = object()  # internal: the reader should return its fallback without
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, None: 1.0}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]i?B?|B)?\s*$", re.IGNORECASE)
+MAX_DURATION = 3660 * 86400.0  # ten years: no setting means more, and timers overflow past ~1e9 s
 _SHOWN_CHARS = 80  # a whole mapping pasted into a message helps nobody past this
 
 
@@ -96,10 +97,19 @@ def parse_duration(value: Any) -> float | None:
     if isinstance(value, (int, float)):
         return float(value) if math.isfinite(value) else None
     if isinstance(value, str):
-        m = _DURATION.match(value)
+        m = _DURATION.match(value) if len(value) <= 40 else None
         if m:
-            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+            d = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+            return d if math.isfinite(d) else None
     return None
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as users write them: 86400 → '1d', 90 → '90s', 0.5 → '0.5s'."""
+    for unit, size in (("w", 604800.0), ("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def parse_size(value: Any) -> int | None:
@@ -119,29 +129,133 @@ def parse_size(value: Any) -> int | None:
     return None
 
 
+MAX_FILE_BYTES = 4 * 2**20  # a config, scenario or price file is kilobytes; read no further
+MAX_DEPTH = 64  # nesting of mappings and lists; deeper is an attack, not a config
+MAX_ALIASES = 100  # YAML aliases (*ref) per file: billion-laughs expands a few dozen into billions
+MAX_NODES = 200_000  # scalars, mappings and lists after alias expansion
+MAX_INT_DIGITS = 30  # far past any real count or byte size; int('9' * 5000) is slow and refused
+
+
+class _LimitExceeded(Exception):
+    """Raised inside the YAML loader; turned into an InputError naming the file and line."""
+
+    def __init__(self, what: str, mark: Any):
+        super().__init__(what)
+        self.what, self.mark = what, mark
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader with limits checked while composing, before any expansion costs memory: depth,
+    number of aliases, expanded node count, and digits of an integer scalar."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+        self._aliases = 0
+        self._nodes = 0
+        self._expanded: dict[int, int] = {}  # id(node) -> node count of its subtree
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        alias = self.check_event(yaml.AliasEvent)
+        if alias:
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                raise _LimitExceeded(f"at most {MAX_ALIASES} aliases (*name)", self.peek_event().start_mark)
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise _LimitExceeded(f"nesting at most {MAX_DEPTH} levels deep", self.peek_event().start_mark)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        weight = self._weight(node)
+        self._nodes += weight if alias else 1  # an alias costs what it expands to
+        if self._nodes > MAX_NODES:
+            raise _LimitExceeded(f"at most {MAX_NODES} values after expanding aliases", node.start_mark)
+        return node
+
+    def _weight(self, node: Any) -> int:
+        """Node count of a subtree, each alias counted as the whole subtree it expands to."""
+        key = id(node)
+        if key in self._expanded:
+            return self._expanded[key]
+        n = 1
+        if isinstance(node, yaml.MappingNode):
+            n += sum(self._expanded.get(id(k), 1) + self._expanded.get(id(v), 1) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            n += sum(self._expanded.get(id(v), 1) for v in node.value)
+        self._expanded[key] = n
+        return n
+
+    def construct_yaml_int(self, node: Any) -> Any:
+        digits = sum(ch.isdigit() for ch in str(node.value))
+        if digits > MAX_INT_DIGITS:
+            raise _LimitExceeded(f"an integer of at most {MAX_INT_DIGITS} digits", node.start_mark)
+        return super().construct_yaml_int(node)
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
+
+
 def parse_yaml(text: str, where: str, what: str) -> Any:
     """YAML text → data; a syntax error is an InputError naming the file and line. Fatal for
-    this file: nothing after a syntax error can be located reliably."""
+    this file: nothing after a syntax error can be located reliably. The loader is bounded
+    (depth, aliases, expanded size, integer digits), so a hostile file is refused in
+    milliseconds instead of exhausting memory or the stack."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader subclass: no arbitrary objects
+    except _LimitExceeded as e:
+        raise InputError(f"{where}:{e.mark.line + 1}", "", f"a {what} file with {e.what}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         located = f"{where}:{mark.line + 1}" if mark is not None else where
-        raise InputError(located, "", f"valid YAML in a {what} file ({getattr(e, 'problem', None) or e})") from None
+        problem = str(getattr(e, "problem", None) or type(e).__name__)
+        raise InputError(located, "", f"valid YAML in a {what} file ({show(problem)[1:-1]})") from None
+    except (RecursionError, ValueError, OverflowError, MemoryError) as e:
+        raise InputError(where, "", f"valid YAML in a {what} file ({type(e).__name__})") from None
+
+
+def read_text_file(path: str, what: str, max_bytes: int = MAX_FILE_BYTES) -> str:
+    """A user file's text: only a regular file, at most `max_bytes` (checked before reading
+    further, so /dev/zero or a 10 GB log is refused at once), UTF-8. Raises an InputError that
+    names the file and never shows its content."""
+    import os
+    import stat as _stat
+
+    def fail(detail: str) -> InputError:
+        return InputError.of([Problem(path, "", f"a readable {what} file", detail=detail)])
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise InputError.of([Problem(path, "", f"an existing {what} file", detail=f"no such {what} file")]) from None
+    except OSError as e:
+        raise fail(f"cannot read this {what} file ({e.strerror or type(e).__name__})") from None
+    try:
+        st = os.fstat(fd)
+        if not _stat.S_ISREG(st.st_mode):
+            raise fail(f"not a regular file: a {what} file must be a plain file, not a device, pipe or folder")
+        if st.st_size > max_bytes:
+            raise fail(f"too large for a {what} file ({st.st_size} bytes, at most {max_bytes})")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise fail(f"cannot read this {what} file ({e.strerror or type(e).__name__})") from None
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise fail(f"too large for a {what} file (over {max_bytes} bytes)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise InputError.of([Problem(f"{path}:{line}", "", f"a UTF-8 {what} file",
+                                     detail=f"not UTF-8 text (byte {e.start} is not valid UTF-8)")]) from None
 
 
 def load_yaml_file(path: str, what: str) -> Any:
-    """Read YAML, turning I/O and syntax problems into an InputError naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise InputError.of([Problem(path, "", f"an existing {what} file", detail=f"no such {what} file")]) from None
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise InputError.of([Problem(path, "", f"a readable {what} file",
-                                     detail=f"cannot read this {what} file ({reason})")]) from None
-    return parse_yaml(text, path, what)
+    """Read YAML, turning I/O, size, encoding and syntax problems into an InputError naming the file."""
+    return parse_yaml(read_text_file(path, what), path, what)
 
 
 class Reader:
@@ -272,7 +386,10 @@ class Reader:
             return self._fallback(default, neutral)
         return v
 
-    def duration(self, name: Any, default: Any = _MISSING, *, positive: bool = True) -> Any:
+    def duration(self, name: Any, default: Any = _MISSING, *, positive: bool = True,
+                 minimum: float | None = None, maximum: float = MAX_DURATION) -> Any:
+        """A duration in seconds, bounded: a value that passes here must be usable as a timer
+        (`1e308` seconds kills a thread's wait with OverflowError; 0.001 s spins a core)."""
         exp = "a duration like 30s, 5m, 2h or 7d" + (" (> 0)" if positive else "")
         fallback = 1.0 if default is _MISSING else (parse_duration(default) if default is not None else None)
         v = self._get(name, default, exp)
@@ -281,6 +398,11 @@ class Reader:
         d = parse_duration(v)
         if d is None or d < 0 or (positive and d == 0):
             self.problem(name, exp, v)
+            return fallback
+        if (minimum is not None and d < minimum) or d > maximum:
+            bound = (f"between {format_duration(minimum)} and {format_duration(maximum)}" if minimum is not None
+                     else f"of at most {format_duration(maximum)}")
+            self.problem(name, f"a duration {bound}", v)
             return fallback
         return d
 

@@ -7,13 +7,23 @@ metadata, inference endpoints), so they always agree with each other. See docs/s
 from __future__ import annotations
 
 import csv
+import io
+import math
 import os
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from collectors.schema import InputError, Problem, Reader, did_you_mean, load_yaml_file
+from collectors.schema import (
+    MAX_DURATION,
+    InputError,
+    Problem,
+    Reader,
+    did_you_mean,
+    load_yaml_file,
+    read_text_file,
+)
 from collectors.simulated.catalog import MODELS, GpuModel
 
 PATTERNS = ("idle", "constant", "diurnal", "bursty", "ramp", "trace")
@@ -191,7 +201,10 @@ def _load_with_extends(path: str, seen: tuple[str, ...]) -> dict[str, Any]:
     cycle): without the data there is nothing to validate further."""
     data = load_yaml_file(path, "scenario")
     if not isinstance(data, dict):
-        raise InputError(path, "", "a mapping at the top level of the scenario", data)
+        # the type only: the file may be anything the user pointed `extends:` at; never echo it
+        raise InputError.of([Problem(path, "", "a mapping at the top level of the scenario",
+                                     detail=f"not a scenario: expected a mapping at the top level, "
+                                     f"got {type(data).__name__ if data is not None else 'an empty file'}")])
     parent_name = data.get("extends")
     if parent_name is None:
         return data
@@ -390,21 +403,29 @@ def _read_trace(r: Reader, path: str) -> tuple[tuple[float, float], ...]:
     full = f if os.path.isabs(f) else os.path.join(os.path.dirname(path), f)
     points: list[tuple[float, float]] = []
     try:
-        with open(full, encoding="utf-8", newline="") as fh:
-            for n, row in enumerate(csv.reader(fh), 1):
-                if not row or row[0].startswith("#") or row[0].strip() in ("seconds", "t", "time"):
-                    continue
-                try:
-                    t, v = float(row[0]), float(row[1])
-                except (ValueError, IndexError):
-                    r.problem("file", "CSV rows 'seconds,value'", ",".join(row), where=f"{full}:{n}")
-                    return ()
-                if v < 0:
-                    r.problem("file", "a non-negative load", v, where=f"{full}:{n}")
-                    return ()
-                points.append((t, v))
-    except OSError as e:
-        r.problem("file", f"a readable CSV trace file ({e.strerror or e})", f)
+        text = read_text_file(full, "trace")
+    except InputError as e:
+        r.problems.extend(e.problems)
+        return ()
+    try:
+        for n, row in enumerate(csv.reader(io.StringIO(text, newline="")), 1):
+            if not row or row[0].startswith("#") or row[0].strip() in ("seconds", "t", "time"):
+                continue
+            try:
+                t, v = float(row[0]), float(row[1])
+            except (ValueError, IndexError):
+                r.problem("file", "CSV rows 'seconds,value'", ",".join(row)[:40], where=f"{full}:{n}")
+                return ()
+            if not math.isfinite(t) or t < 0 or t > MAX_DURATION:
+                r.problem("file", "a time in seconds from the pod's start (0 or more, finite)", row[0][:40],
+                          where=f"{full}:{n}")
+                return ()
+            if not math.isfinite(v) or v < 0:
+                r.problem("file", "a non-negative, finite load", row[1][:40], where=f"{full}:{n}")
+                return ()
+            points.append((t, v))
+    except csv.Error as e:
+        r.problem("file", f"a CSV trace file ({e})", f)
         return ()
     if not points:
         r.problem("file", "a trace with at least one 'seconds,value' row", f)
