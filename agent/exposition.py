@@ -1,21 +1,26 @@
 """The only module that speaks Prometheus: renders the latest AgentState; serves /metrics and /healthz.
 
 Scrapes read the state the loop last published and never call NVML, the kubelet or the API
-server, so a stuck source cannot slow a scrape. Families are built fresh on every scrape from
-the state, so series of deleted pods disappear as soon as the state no longer has them.
+server, so a stuck source cannot slow a scrape. Families are built fresh from each new state, so
+series of deleted pods disappear as soon as the state no longer has them; the encoded bytes
+(text, OpenMetrics, and their gzip) are then kept for that state, because the state changes once
+per evaluation while Prometheus, a second Prometheus and a curl may scrape many times: a scrape of
+an unchanged state costs a dictionary lookup, not a re-encoding of every family.
 """
 
 from __future__ import annotations
 
+import gzip
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder, generate_latest
+from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder
 
 from agent import __version__
 from agent.model import OWNER_LABELS, STATES, UNIT_LABELS, AgentState
@@ -197,16 +202,16 @@ class StateCollector:
         for labels, owner, s, dollars in st.costs:
             cost.add_metric(list(labels) + list(owner.labels()) + [s], dollars)
         pod = _g("pod_info", "Pods on the node with their workload and team (join with group_left)",
-                 ("node", "namespace", "pod", "workload_kind", "workload", "team", "feature"))
+                 ("node", "namespace", "pod", "workload_kind", "workload", "team"))
         extra_keys = sorted({k for p in st.pods for k, _ in p.extra_labels})
         if extra_keys:
             pod = _g("pod_info", "Pods on the node with their workload and team (join with group_left)",
-                     ("node", "namespace", "pod", "workload_kind", "workload", "team", "feature")
+                     ("node", "namespace", "pod", "workload_kind", "workload", "team")
                      + tuple(_label_name(k) for k in extra_keys))
         for p in st.pods:
             o = p.owner
             extra = dict(p.extra_labels)
-            pod.add_metric([node, o.namespace, o.pod, o.workload_kind, o.workload, o.team, o.feature]
+            pod.add_metric([node, o.namespace, o.pod, o.workload_kind, o.workload, o.team]
                            + [extra.get(k, "") for k in extra_keys], 1)
         yield from (alloc, price, state, idle_s, activity, share_act, idle_cost, alloc_cost, unalloc_cost,
                     lost_cost, unknown_cost, cost, pod)
@@ -291,23 +296,92 @@ def make_registry(get_state: Callable[[], AgentState | None]) -> CollectorRegist
     return reg
 
 
+CACHE_STATES = 4  # states whose encodings are kept: the published one, plus a few a test or CLI holds
+GZIP_LEVEL = 6
+
+
+class _Encodings:
+    """Every encoding asked for of one state; the state is held so its id cannot be reused."""
+
+    __slots__ = ("bodies", "lock", "state")
+
+    def __init__(self, state: AgentState | None):
+        self.state = state
+        self.bodies: dict[tuple[str, bool], bytes] = {}
+        self.lock = threading.RLock()  # the gzip form encodes the plain one under the same lock
+
+
+_cache: OrderedDict[int, _Encodings] = OrderedDict()
+_cache_lock = threading.Lock()
+_stats = {"encodings": 0, "hits": 0}
+
+
+def _entry(state: AgentState | None) -> _Encodings:
+    key = id(state)
+    with _cache_lock:
+        e = _cache.get(key)
+        if e is not None and e.state is state:
+            _cache.move_to_end(key)
+            return e
+        e = _Encodings(state)
+        _cache[key] = e
+        while len(_cache) > CACHE_STATES:
+            _cache.popitem(last=False)
+        return e
+
+
+def _body(state: AgentState | None, content_type: str, encoder: Callable[[CollectorRegistry], bytes],
+          compress: bool) -> bytes:
+    """The bytes of one encoding of one state, built once (concurrent scrapes of a new state wait
+    for the first one's encoding instead of each encoding it again)."""
+    e = _entry(state)
+    k = (content_type, compress)
+    body = e.bodies.get(k)
+    if body is not None:
+        _stats["hits"] += 1
+        return body
+    with e.lock:
+        body = e.bodies.get(k)
+        if body is None:
+            if compress:
+                body = gzip.compress(_body(state, content_type, encoder, False), compresslevel=GZIP_LEVEL)
+            else:
+                body = encoder(make_registry(lambda: state))
+                _stats["encodings"] += 1
+            e.bodies[k] = body
+        else:
+            _stats["hits"] += 1
+    return body
+
+
+def cache_stats() -> dict[str, int]:
+    """How many encodings were built and how many scrapes were served from the cache (the bench reads it)."""
+    return dict(_stats)
+
+
 def render(state: AgentState | None) -> str:
-    return generate_latest(make_registry(lambda: state)).decode()
+    """The Prometheus text exposition of a state (cached with the state, like a scrape's)."""
+    encoder, content_type = choose_encoder("")
+    return _body(state, content_type, encoder, False).decode()
 
 
 def encode_for(state: AgentState | None, accept: str = "", accept_encoding: str = "") -> tuple[bytes, list[tuple[str, str]]]:
     """The /metrics response body and headers for one state, negotiated as Prometheus does
     (text or OpenMetrics by `Accept`, gzip by `Accept-Encoding`). The one entry point an HTTP server
-    uses, so the encoding can be cached per state here without the server knowing."""
-    import gzip
-
+    uses, so the encoding is cached per state here without the server knowing."""
     encoder, content_type = choose_encoder(accept)
-    body = encoder(make_registry(lambda: state))
+    compress = "gzip" in (accept_encoding or "").lower()
+    body = _body(state, content_type, encoder, compress)
     headers = [("Content-Type", content_type)]
-    if "gzip" in (accept_encoding or "").lower():
-        body = gzip.compress(body, compresslevel=6)
+    if compress:
         headers.append(("Content-Encoding", "gzip"))
     return body, headers
+
+
+def prepare(state: AgentState | None) -> None:
+    """Encode a newly published state ahead of its first scrape (text and its gzip, what Prometheus
+    asks for), so that even the first scrape after an evaluation is served from bytes."""
+    encode_for(state, "", "gzip")
 
 
 class _QuietHandler(WSGIRequestHandler):
