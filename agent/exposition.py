@@ -202,16 +202,16 @@ class StateCollector:
         for labels, owner, s, dollars in st.costs:
             cost.add_metric(list(labels) + list(owner.labels()) + [s], dollars)
         pod = _g("pod_info", "Pods on the node with their workload and team (join with group_left)",
-                 ("node", "namespace", "pod", "workload_kind", "workload", "team"))
+                 ("node", "namespace", "pod", "workload_kind", "workload", "team", "feature"))
         extra_keys = sorted({k for p in st.pods for k, _ in p.extra_labels})
         if extra_keys:
             pod = _g("pod_info", "Pods on the node with their workload and team (join with group_left)",
-                     ("node", "namespace", "pod", "workload_kind", "workload", "team")
+                     ("node", "namespace", "pod", "workload_kind", "workload", "team", "feature")
                      + tuple(_label_name(k) for k in extra_keys))
         for p in st.pods:
             o = p.owner
             extra = dict(p.extra_labels)
-            pod.add_metric([node, o.namespace, o.pod, o.workload_kind, o.workload, o.team]
+            pod.add_metric([node, o.namespace, o.pod, o.workload_kind, o.workload, o.team, o.feature]
                            + [extra.get(k, "") for k in extra_keys], 1)
         yield from (alloc, price, state, idle_s, activity, share_act, idle_cost, alloc_cost, unalloc_cost,
                     lost_cost, unknown_cost, cost, pod)
