@@ -218,6 +218,31 @@ class SimEnvironment:
                 by_res.setdefault("nvidia.com/gpu", []).append(g.uuid)
         return [(k, tuple(v)) for k, v in by_res.items()]
 
+    # --- fast-forward --------------------------------------------------------------------------
+    def answer_key(self, source: str) -> tuple[int, str] | None:
+        """A fingerprint of what the kubelet's (`source="kubelet"`) or the API server's
+        (`"kubernetes"`) answer depends on right now, or None when nothing can be promised.
+
+        Both answer from the scenario's pod set and node, which change only when a pod starts or
+        ends (the SimNode's epoch): equal keys mean a real read would return the same reading, so
+        fast-forward may serve the last one again. While a scenario fault of that source is active,
+        or a test has taken its server down or slowed it by hand, the answer is None: every read is
+        a real one and the outage is seen exactly as a fine-step run sees it.
+        """
+        t = self._t()
+        if any(f.source == source and f.active(t) for f in self.sc.faults if f.kind in ("source_down", "slow")):
+            return None
+        if source == "kubelet":
+            k = self.kubelet
+            if k is None or k._down or k._delay > 0 or k._padding:
+                return None
+        elif source == "kubernetes":
+            if self.api is None or self.api.mode != api.UP:
+                return None
+        else:
+            return None
+        return (self.node.epoch(t), source)
+
     # --- inference ----------------------------------------------------------------------------
     def _renderer(self, uid: str, old_names: bool) -> Callable[[], str]:
         def fn() -> str:

@@ -7,6 +7,7 @@ integrated forward in time (monotonically) by the traffic models.
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 import zlib
@@ -207,7 +208,31 @@ class SimNode:
                     max_running=inf.max_running, seed=sc.seed + zlib.crc32(p.uid.encode()) % 1000,
                 )
         self._traffic_t = 0.0
-        self._holders_at: tuple[float, dict[tuple[int, int | None], list[SimAllocation]]] | None = None
+        # Who holds what changes only when a pod starts or ends: index it per epoch (the span between
+        # two such times), not per t, so GPM's intermediate points and a week of steps reuse it.
+        self._changes = sorted({p.start for p in sc.pods} | {p.end for p in sc.pods if p.end is not None})
+        self._by_epoch: dict[int, tuple[list[SimAllocation], dict[tuple[int, int | None], list[SimAllocation]]]] = {}
+
+    def epoch(self, t: float) -> int:
+        """Which span between pod starts/ends t falls in: the pod set is the same for equal epochs."""
+        return bisect.bisect_right(self._changes, t)
+
+    def pod_changes(self) -> tuple[float, ...]:
+        """Scenario times at which some pod starts or ends (the kubelet's and the API's answers change)."""
+        return tuple(self._changes)
+
+    def _epoch_index(self, t: float) -> tuple[list[SimAllocation], dict[tuple[int, int | None], list[SimAllocation]]]:
+        e = self.epoch(t)
+        cached = self._by_epoch.get(e)
+        if cached is None:
+            live = [a for a in self.allocations if a.pod.alive(t)]
+            index: dict[tuple[int, int | None], dict[tuple[str, str], SimAllocation]] = {}
+            for a in live:
+                index.setdefault((a.gpu, a.mig_index), {}).setdefault((a.pod.uid, a.container.name), a)
+            if len(self._by_epoch) >= 16:  # bounded: a scenario with many pod changes keeps only recent spans
+                self._by_epoch.clear()
+            cached = self._by_epoch[e] = (live, {k: list(v.values()) for k, v in index.items()})
+        return cached
 
     # --- time-dependent state -------------------------------------------------------------
     def advance(self, t: float) -> None:
@@ -232,7 +257,7 @@ class SimNode:
         return self._traffic.get(pod_uid)
 
     def live_allocations(self, t: float) -> list[SimAllocation]:
-        return [a for a in self.allocations if a.pod.alive(t)]
+        return list(self._epoch_index(t)[0])
 
     def container_load(self, a: SimAllocation, t: float) -> float:
         """Utilization (0–1) the container drives on one of its devices."""
@@ -246,14 +271,8 @@ class SimNode:
 
     def holders(self, gpu: int, mig_index: int | None, t: float) -> list[SimAllocation]:
         """One entry per container on the device: a container holding several shares of one GPU
-        runs one process there, not one per share. Indexed once per time t (it is asked often)."""
-        cached = self._holders_at
-        if cached is None or cached[0] != t:
-            index: dict[tuple[int, int | None], dict[tuple[str, str], SimAllocation]] = {}
-            for a in self.live_allocations(t):
-                index.setdefault((a.gpu, a.mig_index), {}).setdefault((a.pod.uid, a.container.name), a)
-            cached = self._holders_at = (t, {k: list(v.values()) for k, v in index.items()})
-        return cached[1].get((gpu, mig_index), [])
+        runs one process there, not one per share. Indexed once per epoch (it is asked often)."""
+        return self._epoch_index(t)[1].get((gpu, mig_index), [])
 
     def device_util(self, gpu: int, mig_index: int | None, t: float) -> float:
         """NVML-style utilization: time a kernel ran. Shares add up (time-slicing), capped at 1."""
@@ -263,7 +282,8 @@ class SimNode:
                 total += load_at(hp.load, t, self.sc.seed, f"host/{hp.pid}")
         return min(1.0, total)
 
-    def _efficiency(self, gpu: int, mig_index: int | None, t: float) -> tuple[float, float]:
+    def efficiency(self, gpu: int, mig_index: int | None, t: float) -> tuple[float, float]:
+        """(SM efficiency, tensor ratio) of the device's first holder: SM active = util × the first."""
         hs = self.holders(gpu, mig_index, t)
         if not hs:
             return 0.85, 0.5
@@ -273,11 +293,11 @@ class SimNode:
         if mig_index is None and gpu in self.migs:
             # parent of MIG instances: SM activity is the slice-weighted sum of its instances
             return sum(self.sm_active(gpu, m.index, t) * m.profile.compute_slices / 7 for m in self.migs[gpu])
-        eff, _ = self._efficiency(gpu, mig_index, t)
+        eff, _ = self.efficiency(gpu, mig_index, t)
         return self.device_util(gpu, mig_index, t) * eff
 
     def tensor_active(self, gpu: int, mig_index: int | None, t: float) -> float:
-        _, ratio = self._efficiency(gpu, mig_index, t)
+        _, ratio = self.efficiency(gpu, mig_index, t)
         return self.sm_active(gpu, mig_index, t) * ratio
 
     def memory_used(self, gpu: int, mig_index: int | None, t: float) -> int:

@@ -453,18 +453,21 @@ class SimulatedNVML:
         if self._node.fault("gpu_lost", t2, gpu=g):
             raise _err(pynvml.NVML_ERROR_GPU_IS_LOST)
         pts = [t1 + (t2 - t1) * k / 4 for k in range(5)]
-
-        def avg(f: Any) -> float:
-            return sum(f(x) for x in pts) / len(pts)
-
         n = self._node
+        # Each signal is a mean over five points of the interval; every point's SM activity is
+        # computed once and the other signals derived from it (five metrics used to ask 25 times).
+        sm = [n.sm_active(g, mi, x) for x in pts]
+        parent_of_migs = mi is None and g in n.migs
+
+        def graphics() -> list[float]:
+            return sm if parent_of_migs else [n.device_util(g, mi, x) for x in pts]
+
         signals = {
-            pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL: lambda x: n.device_util(g, mi, x) if not (mi is None and g in n.migs)
-            else n.sm_active(g, None, x),
-            pynvml.NVML_GPM_METRIC_SM_UTIL: lambda x: n.sm_active(g, mi, x),
-            pynvml.NVML_GPM_METRIC_SM_OCCUPANCY: lambda x: n.sm_active(g, mi, x) * 0.55,
-            pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL: lambda x: n.tensor_active(g, mi, x),
-            pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL: lambda x: n.sm_active(g, mi, x) * 0.7,
+            pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL: graphics,
+            pynvml.NVML_GPM_METRIC_SM_UTIL: lambda: sm,
+            pynvml.NVML_GPM_METRIC_SM_OCCUPANCY: lambda: [v * 0.55 for v in sm],
+            pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL: lambda: [v * n.efficiency(g, mi, x)[1] for v, x in zip(sm, pts)],
+            pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL: lambda: [v * 0.7 for v in sm],
         }
         for i in range(mg.numMetrics):
             metric = mg.metrics[i]
@@ -473,7 +476,8 @@ class SimulatedNVML:
                 metric.nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
                 continue
             metric.nvmlReturn = pynvml.NVML_SUCCESS
-            metric.value = min(100.0, avg(f) * 100.0)
+            values = f()
+            metric.value = min(100.0, sum(values) / len(values) * 100.0)
         return mg
 
     # --- events (Xid) ---------------------------------------------------------------------
