@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +30,9 @@ from collectors.base import Collector, SourceError, SourceUnavailable
 log = logging.getLogger("gpucap.loop")
 
 MAX_BACKOFF = 60.0  # an unreachable source is retried at least once a minute: it comes back quickly
+MAX_WAIT = 3600.0  # real seconds a source thread sleeps at most between loops
+STALL_SLACK = 30.0  # real seconds past its next expected loop before a source thread counts as stalled
+WATCHDOG_PERIOD = 1.0
 
 
 @dataclass
@@ -53,8 +56,12 @@ class Source:
     failures: int = 0
     next_due: float = 0.0  # monotonic
     _future: Future | None = None
-    _executor: ThreadPoolExecutor | None = None
     _last_log: float = -1e18
+    _last_logged_cause: str = ""
+    _thread: threading.Thread | None = None
+    _generation: int = 0  # bumped when the watchdog replaces a dead or stalled source thread
+    _beat_by: float = 0.0  # real monotonic time by which the source thread must loop again
+    restarts: int = 0
 
     def __post_init__(self) -> None:
         if self.max_age <= 0:
@@ -116,6 +123,7 @@ class Agent:
         self.evaluations = 0
         self.evaluation_errors = 0
         self.last_evaluation_real = 0.0
+        self._watchdog_beat = time.monotonic()
         self._last_eval_error = ""
 
     # --- one collection --------------------------------------------------------------------
@@ -146,8 +154,9 @@ class Agent:
         s.next_due = mono + backoff
         # rate-limited: once a minute of real time per source, with the collector named
         real = time.monotonic()
-        if real - s._last_log >= 60.0 or s.failures == 1:
-            s._last_log = real
+        cause = f"{kind}: {s.last_error}"
+        if real - s._last_log >= 60.0 or s.failures == 1 or cause != s._last_logged_cause:
+            s._last_log, s._last_logged_cause = real, cause
             exc_info = error if kind == "exception" else None
             log.warning("collector %s failed (%s): %s", s.name, kind, s.last_error,
                         extra={"collector": s.name}, exc_info=exc_info)
@@ -174,21 +183,22 @@ class Agent:
 
     def _collect_with_timeout(self, s: Source) -> None:
         now, mono = self.clock.now(), self.clock.monotonic()
-        if s._executor is None:
-            s._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"gpucap-{s.name}")
         if s._future is not None and not s._future.done():
             self._record(s, now, mono, error=TimeoutError(f"previous call still running after {s.timeout:g}s"),
                          kind="timeout", duration=s.timeout)
             return
         t0 = time.perf_counter()
-        s._future = s._executor.submit(self._call, s, now, mono)
+        s._future = _run_in_daemon(f"gpucap-{s.name}", self._call, s, now, mono)
         try:
             value = s._future.result(timeout=s.timeout)
-        except FutureTimeout:
+        except (FutureTimeout, TimeoutError):
             self._record(s, now, mono, error=TimeoutError(f"no answer within {s.timeout:g}s"), kind="timeout",
                          duration=time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001
             self._record(s, now, mono, error=e, duration=time.perf_counter() - t0)
+        except BaseException as e:  # noqa: BLE001 - SystemExit & co. from a collector fail its cycle only
+            self._record(s, now, mono, error=RuntimeError(f"{type(e).__name__}: {e}"), kind="exception",
+                         duration=time.perf_counter() - t0)
         else:
             self._record(s, now, mono, value=value, duration=time.perf_counter() - t0)
         self._dirty.set()
@@ -266,24 +276,86 @@ class Agent:
     # --- daemon ----------------------------------------------------------------------------
     def start(self) -> None:
         for s in self.sources.values():
-            if not s.enabled:
-                continue
-            t = threading.Thread(target=self._source_loop, args=(s,), name=f"gpucap-loop-{s.name}", daemon=True)
+            if s.enabled:
+                self._start_source(s)
+        for target, name in ((self._eval_loop, "gpucap-evaluate"), (self._watchdog, "gpucap-watchdog")):
+            t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
-        t = threading.Thread(target=self._eval_loop, name="gpucap-evaluate", daemon=True)
-        t.start()
-        self._threads.append(t)
 
-    def _source_loop(self, s: Source) -> None:
-        while not self._stop.is_set():
+    def _start_source(self, s: Source) -> None:
+        s._generation += 1
+        s._beat_by = time.monotonic() + s.timeout + STALL_SLACK
+        t = threading.Thread(target=self._source_loop, args=(s, s._generation), name=f"gpucap-loop-{s.name}",
+                             daemon=True)
+        s._thread = t
+        t.start()
+
+    def _source_loop(self, s: Source, generation: int) -> None:
+        while not self._stop.is_set() and s._generation == generation:
             try:
                 self._collect_with_timeout(s)
             except Exception:
                 log.exception("collector %s loop error", s.name)
             wait = max(0.0, s.next_due - self.clock.monotonic())
             speed = getattr(self.clock, "speed", 1.0) if getattr(self.clock, "realtime", True) else 1.0
-            self._stop.wait(max(0.05, wait / max(speed, 1e-9)))
+            # capped: a huge interval (or a clock gone wrong) must not overflow the wait and kill the thread
+            real_wait = min(MAX_WAIT, max(0.05, wait / max(speed, 1e-9)))
+            s._beat_by = time.monotonic() + real_wait + s.timeout + STALL_SLACK
+            self._stop.wait(real_wait)
+
+    def _watchdog(self) -> None:
+        """A source thread that died or stopped looping is a failed collection of kind `stalled`,
+        and it is replaced: the agent heals itself instead of serving a frozen reading as fresh."""
+        while not self._stop.wait(WATCHDOG_PERIOD):
+            try:
+                self.check_sources()
+            except Exception:
+                log.exception("watchdog check failed")
+            self._watchdog_beat = time.monotonic()
+
+    def check_sources(self) -> list[str]:
+        """Restart every dead or stalled source thread; returns the names restarted."""
+        restarted = []
+        real = time.monotonic()
+        for s in self.sources.values():
+            if not s.enabled or s._thread is None:
+                continue
+            dead = not s._thread.is_alive()
+            if not dead and real <= s._beat_by:
+                continue
+            why = "its thread died" if dead else "its thread stopped looping"
+            self._record(s, self.clock.now(), self.clock.monotonic(), kind="stalled",
+                         error=RuntimeError(f"collector loop stalled ({why}); restarted"))
+            s.restarts += 1
+            restarted.append(s.name)
+            self._start_source(s)
+            self._dirty.set()
+        return restarted
+
+    def alive(self) -> tuple[bool, str]:
+        """Liveness (/healthz): the evaluation thread and the watchdog run. A failing source is not
+        a reason to restart the pod (the watchdog heals it); a wedged agent is."""
+        if self._threads:
+            dead = [t.name for t in self._threads if not t.is_alive()]
+            if dead and not self._stop.is_set():
+                return False, f"thread(s) {', '.join(dead)} died"
+            if time.monotonic() - self._watchdog_beat > 10 * WATCHDOG_PERIOD + 30.0:
+                return False, "watchdog stopped"
+        return True, ""
+
+    def ready(self, names: tuple[str, ...] = ("nvml", "podresources")) -> tuple[bool, str]:
+        """Readiness (/readyz): NVML and the kubelet answered within their max age."""
+        mono = self.clock.monotonic()
+        parts, ok = [], True
+        for name in names:
+            s = self.sources.get(name)
+            if s is None or not s.enabled:
+                continue
+            fresh = s.fresh_value(mono) is not None
+            ok = ok and fresh
+            parts.append(f"{name} {'ok' if fresh else 'no fresh reading' + (': ' + s.last_error if s.last_error else '')}")
+        return ok, "; ".join(parts)
 
     def _eval_loop(self) -> None:
         while not self._stop.is_set():
@@ -297,19 +369,46 @@ class Agent:
                 log.exception("evaluation failed")
             self._stop.wait(0.2)
 
-    def stop(self) -> None:
+    def stop(self, deadline: float = 1.0) -> None:
+        """Stop every loop without waiting past `deadline` seconds in total: a collector call that
+        hangs (a wedged GPU in an NVML call) runs on a daemon thread and is abandoned, never joined."""
         self._stop.set()
         self._dirty.set()
-        for s in self.sources.values():
-            if s._executor is not None:
-                s._executor.shutdown(wait=False, cancel_futures=True)
-        for t in self._threads:
-            t.join(timeout=2.0)
+        end = time.monotonic() + deadline
+        threads = self._threads + [s._thread for s in self.sources.values() if s._thread is not None]
+        for t in threads:
+            t.join(timeout=max(0.0, end - time.monotonic()))
 
-    def close(self) -> None:
-        self.stop()
+    def close(self, deadline: float = 1.0) -> None:
+        """Stop, then close each collector, each close bounded too (closing NVML may hang like any call)."""
+        self.stop(deadline)
+        end = time.monotonic() + deadline
         for s in self.sources.values():
+            left = end - time.monotonic()
+            if left <= 0:
+                log.warning("not closing collector %s: shutdown deadline passed", s.name)
+                continue
+            done = _run_in_daemon(f"gpucap-close-{s.name}", s.collector.close)
             try:
-                s.collector.close()
+                done.result(timeout=left)
+            except (FutureTimeout, TimeoutError):
+                log.warning("closing collector %s did not finish in time; abandoned", s.name)
             except Exception:
                 log.debug("close of %s failed", s.name, exc_info=True)
+
+
+def _run_in_daemon(name: str, fn: Callable[..., Any], *args: Any) -> Future:
+    """Run `fn` on a new daemon thread: a call that never returns cannot block the interpreter's
+    exit (ThreadPoolExecutor's workers are joined at exit, which kept a SIGTERMed agent alive for as
+    long as its NVML call hung). One thread per call is cheap at collection rates."""
+    future: Future = Future()
+    future.set_running_or_notify_cancel()
+
+    def body() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+            future.set_exception(e)
+
+    threading.Thread(target=body, name=name, daemon=True).start()
+    return future
