@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from collectors.pricing import PricingConfig, pricing_config_from_dict, read_pricing_config
+from collectors.redact import redact_url
 from collectors.schema import Reader, load_yaml_file
 
 DEFAULT_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
@@ -216,7 +217,7 @@ def _read_config(r: Reader) -> Config:
         mark = tr.mark()
         url = tr.str("url")
         if tr.ok_since(mark) and not url.startswith(("http://", "https://")):
-            tr.problem("url", "an http:// or https:// URL", url)
+            tr.problem("url", "an http:// or https:// URL", redact_url(url))
         targets.append(InferenceTargetConfig(url, tr.str("namespace", ""), tr.str("pod", "")))
         tr.done()
     inference = InferenceConfig(

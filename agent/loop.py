@@ -26,6 +26,7 @@ from typing import Any
 from agent.clock import Clock
 from agent.model import SNAPSHOT_SOURCES, AgentState, CollectorStatus, Snapshot, SourceReading
 from collectors.base import Collector, SourceError, SourceUnavailable
+from collectors.redact import redact_text
 
 log = logging.getLogger("gpucap.loop")
 
@@ -145,8 +146,9 @@ class Agent:
         s.failures += 1
         kind = kind or ("unavailable" if isinstance(error, SourceUnavailable)
                         else "error" if isinstance(error, SourceError) else "exception")
-        s.errors[kind] += 1
-        s.last_error = str(error) or type(error).__name__
+        if not getattr(error, "already_counted", False):  # a collector that counts its own failures
+            s.errors[kind] += 1
+        s.last_error = redact_text(str(error) or type(error).__name__)  # shown in logs, JSON and the table
         s.last_kind = kind
         if s.failing_since is None:
             s.failing_since = now

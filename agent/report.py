@@ -128,7 +128,7 @@ def to_json(st: AgentState, targets: Sequence[Any] = ()) -> dict[str, Any]:
         "inference": [
             {"namespace": i.owner.namespace, "pod": i.owner.pod, "workload": i.owner.workload,
              "workload_kind": i.owner.workload_kind, "team": i.owner.team, "server": i.server, "model": i.model,
-             "url": i.url, "queue_requests": i.queue_requests, "running_requests": i.running_requests,
+             "url": redact_url(i.url), "queue_requests": i.queue_requests, "running_requests": i.running_requests,
              "kv_cache_usage_ratio": i.kv_cache_usage_ratio, "saturated": i.saturated,
              "saturation_reason": i.saturation_reason,
              "generated_tokens_per_second": i.generated_tokens_per_second,

@@ -35,6 +35,7 @@ from collectors.inference_parse import (
     UnknownServerError,
     parse_exposition,
 )
+from collectors.redact import redact_text, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +309,14 @@ class InferenceReading:
     at: float
 
 
+class TargetsFailed(SourceError):
+    """Every target failed this cycle. Each failure is already counted per target and kind in
+    `errors_total`; the loop must not count the cycle again (it did: one refused connection read
+    as two errors in gpucap_collector_errors_total)."""
+
+    already_counted = True
+
+
 class InferenceCollector:
     """Scrapes every target concurrently; the slowest target costs at most `timeout`, never more."""
 
@@ -364,6 +373,8 @@ class InferenceCollector:
                 future.cancel()
                 handle.abort()
                 outcome = _Failure("timeout", "no answer before the deadline")
+            if isinstance(outcome, _Failure):  # a library's message may quote a URL, credentials and all
+                outcome = _Failure(outcome.kind, redact_text(outcome.detail, (target.url,)))
             if isinstance(outcome, _Failure):
                 errors.append((target.url, outcome.kind))
                 self._record_error(target.url, outcome.kind, outcome.detail, now)
@@ -372,8 +383,8 @@ class InferenceCollector:
         self._tracker.prune(now)
         self._forget_gone_targets({t.url for t in targets}, now)
         if errors and len(errors) == len(targets):
-            summary = "; ".join(f"{url}: {kind}" for url, kind in errors[:5])
-            raise SourceError(SOURCE, f"all {len(targets)} targets failed: {summary}")
+            summary = "; ".join(f"{redact_url(url)}: {kind}" for url, kind in errors[:5])
+            raise TargetsFailed(SOURCE, f"all {len(targets)} targets failed: {summary}")
         return InferenceReading(servers=tuple(servers), errors=tuple(errors), at=now)
 
     def _totals(self, target: Target, stats: ModelStats, now: float) -> ServerStats:
@@ -412,7 +423,8 @@ class InferenceCollector:
         last = self._last_logged.get(key)
         if last is None or now - last >= LOG_EVERY_S or now < last:
             self._last_logged[key] = now
-            log.warning("inference target failed: url=%s kind=%s detail=%s", url, kind, detail)
+            log.warning("inference target failed: url=%s kind=%s detail=%s", redact_url(url), kind,
+                        redact_text(detail, (url,)))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
