@@ -78,12 +78,21 @@ class CostLedger:
         self.totals: dict[tuple[tuple[str, ...], Owner, str], float] = defaultdict(float)
         self.by_pod: dict[str, float] = defaultdict(float)  # pod uid (or ns/pod) → dollars, monotonic
         self.restored = False
+        # totals of series not live now (restored, or gone for a moment): a series that comes back
+        # continues from here, so a kubelet blip or a restart is never a counter reset
+        self._dormant: dict[tuple[tuple[str, ...], Owner, str], float] = {}
 
     def restore(self, totals: dict[tuple[tuple[str, ...], Owner, str], float]) -> None:
-        """Counters continue where the ledger says they stopped (no reset seen by Prometheus)."""
+        """Counters continue where the ledger says they stopped (no reset seen by Prometheus): restored
+        totals wait, dormant, until their series is live again (the kubelet may answer after NVML)."""
         for k, v in totals.items():
-            self.totals[k] = max(self.totals.get(k, 0.0), v)
+            self._dormant[k] = max(self._dormant.get(k, 0.0), v)
         self.restored = True
+
+    def _add(self, key: tuple[tuple[str, ...], Owner, str], dollars: float) -> None:
+        if key not in self.totals and key in self._dormant:
+            self.totals[key] = self._dormant.pop(key)
+        self.totals[key] += dollars
 
     def update(self, views: Sequence[UnitView], node: str, now: float, wall: float | None = None) -> list[Accrual]:
         """Charge (last, now]; returns what was charged, for the ledger. `now` is monotonic."""
@@ -97,11 +106,11 @@ class CostLedger:
             for labels, owner, state, hourly, view in self._prev:
                 dollars = hourly * hours
                 if gap:
-                    self.totals[(labels, NO_OWNER, "unknown")] += dollars
+                    self._add((labels, NO_OWNER, "unknown"), dollars)
                     accruals.append(Accrual(replace(view, row=replace(view.row, allocations=())), "unknown",
                                             start, wall, elapsed, dollars))
                     continue
-                self.totals[(labels, owner, state)] += dollars
+                self._add((labels, owner, state), dollars)
                 accruals.append(Accrual(view, state, start, wall, elapsed, dollars,
                                         view.streak if state == "active" else None))
                 if owner.pod:
@@ -115,7 +124,9 @@ class CostLedger:
         # owner-less series (free, or unknown holder) lives as long as the unit
         for k in [k for k in self.totals
                   if (k[0], k[1]) not in live and not (k[1] == NO_OWNER and k[0] in live_units)]:
-            del self.totals[k]
+            self._dormant[k] = self.totals.pop(k)
+        while len(self._dormant) > 20000:  # bounded under pod churn: the oldest series are forgotten
+            del self._dormant[next(iter(self._dormant))]
         return accruals
 
     def rows(self) -> list[tuple[tuple[str, ...], Owner, str, float]]:

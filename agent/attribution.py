@@ -181,7 +181,7 @@ def _attribute_device(out: _Out, d: DeviceSample, devices: Sequence[DeviceSample
                                 memory_used_bytes=d.memory_used_bytes if fresh else None,
                                 memory_total_bytes=d.memory_total_bytes, hourly_price=price.hourly_dollars,
                                 processes=len(d.processes) if fresh else 0, **base))
-        if fresh:
+        if fresh and holders_known:  # without the kubelet nobody is known to hold it: no process is "foreign"
             out.foreign.extend(_foreign(d, {a.owner.pod_uid for a in allocs if a.owner.pod_uid}, owners, meta))
         return
     # time-sliced: one unit per replica; split the device's use between the pods by their processes
@@ -218,7 +218,7 @@ def _attribute_device(out: _Out, d: DeviceSample, devices: Sequence[DeviceSample
                                 memory_total_bytes=d.memory_total_bytes,  # time-slicing does not partition memory
                                 hourly_price=share_price, replica=r, replicas=n,
                                 processes=len(d.processes) if fresh else 0, device_activity=dev_act, **base))
-    if d.up and fresh:
+    if d.up and fresh and holders_known:
         dev_act_total = d.activity or 0.0
         out.unattributed.append((d.gpu, d.uuid, max(0.0, dev_act_total - attributed_act),
                                  max(0, (d.memory_used_bytes or 0) - attributed_mem)))

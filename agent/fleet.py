@@ -19,6 +19,7 @@ from typing import Any
 
 from agent.cost import CostReport
 from agent.model import STATES
+from collectors.redact import redact_url
 
 Series = tuple[dict[str, str], list[tuple[float, float]]]
 
@@ -30,14 +31,26 @@ class FleetError(Exception):
 class PromClient:
     def __init__(self, url: str, timeout: float = 30.0) -> None:
         if not url.startswith(("http://", "https://")):
-            raise FleetError(f"expected an http:// or https:// URL of a Prometheus-compatible API, got {url!r}")
-        self.base = url.rstrip("/")
+            raise FleetError("expected an http:// or https:// URL of a Prometheus-compatible API, got "
+                             f"{redact_url(url)!r}")
+        parts = urllib.parse.urlsplit(url)
+        self._auth: str | None = None
+        if parts.username is not None:  # user:password in the URL: sent as basic auth, never printed
+            import base64
+
+            cred = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            self._auth = "Basic " + base64.b64encode(cred.encode()).decode()
+            parts = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
+        self.base = urllib.parse.urlunsplit(parts._replace(query="", fragment="")).rstrip("/")
+        self.shown = redact_url(self.base)
         self.timeout = timeout
 
     def _get(self, path: str, params: dict[str, Any]) -> Any:
         query = urllib.parse.urlencode(params)
-        req = urllib.request.Request(f"{self.base}{path}", data=query.encode(), method="POST",
-                                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        if self._auth:
+            headers["Authorization"] = self._auth
+        req = urllib.request.Request(f"{self.base}{path}", data=query.encode(), method="POST", headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as r:
                 doc = json.loads(r.read())
@@ -45,11 +58,11 @@ class PromClient:
             try:
                 doc = json.loads(e.read())
             except ValueError:
-                raise FleetError(f"{self.base}{path}: HTTP {e.code}") from None
+                raise FleetError(f"{self.shown}{path}: HTTP {e.code}") from None
         except (urllib.error.URLError, OSError, ValueError) as e:
-            raise FleetError(f"{self.base}: {e}") from None
+            raise FleetError(f"{self.shown}: {type(e).__name__}") from None
         if doc.get("status") != "success":
-            raise FleetError(f"{self.base}{path}: {doc.get('errorType', 'error')}: {doc.get('error', '')}")
+            raise FleetError(f"{self.shown}{path}: {doc.get('errorType', 'error')}: {doc.get('error', '')}")
         return doc["data"]
 
     def query(self, expr: str, at: float) -> list[tuple[dict[str, str], float]]:
@@ -130,7 +143,7 @@ def report_from_prometheus(url: str, start: float, end: float, by: Sequence[str]
         row = dict(zip(by, key[:-1]))
         row.update(state=key[-1], gpu_hours=h, cost_dollars=d)
         out.append(row)
-    return CostReport(start, end, tuple(by), out, observed, node_dollars, source=f"prometheus {url}")
+    return CostReport(start, end, tuple(by), out, observed, node_dollars, source=f"prometheus {client.shown}")
 
 
 def states_total(report: CostReport) -> dict[str, float]:

@@ -401,7 +401,7 @@ _UPSERT_NODES = ("INSERT INTO node_minutes VALUES (?, ?, ?, ?) ON CONFLICT (minu
                  "seconds=seconds+excluded.seconds, dollars=dollars+excluded.dollars")
 _UPSERT_COUNTERS = ("INSERT INTO counters VALUES (" + ", ".join("?" * 17) + ") "
                     "ON CONFLICT (uuid, namespace, pod, container, pod_uid, state) DO UPDATE SET "
-                    "dollars=max(dollars, excluded.dollars), last_minute=excluded.last_minute")
+                    "dollars=excluded.dollars, last_minute=excluded.last_minute")
 _REBOOK = ("UPDATE unit_minutes SET s_active=s_active-pending_seconds, d_active=d_active-pending_dollars, "
            "s_idle_reserved=s_idle_reserved+pending_seconds, d_idle_reserved=d_idle_reserved+pending_dollars, "
            "pending_streak=NULL, pending_seconds=0, pending_dollars=0 "
@@ -478,7 +478,11 @@ class HistoryWriter:
                     elif kind == "rebook":
                         uuid, (ns, pod, container), streak = payload
                         self._conn.execute(_REBOOK, (uuid, ns, pod, container, streak))
-            self._housekeeping(batch)
+            try:
+                self._housekeeping(batch)
+            except sqlite3.Error as e:  # the batch is committed: never write it again
+                self.write_errors += 1
+                log.warning("history housekeeping on %s failed: %s", self.path, e)
             if self._last_error:
                 log.info("history %s writable again", self.path)
                 self._last_error = ""
