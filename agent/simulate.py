@@ -32,7 +32,7 @@ from agent.model import AgentState
 log = logging.getLogger("gpucap.simulate")
 
 FAST_STEP = 60.0  # the finest default step; longer runs step coarser so they stay within MAX_STEPS
-MAX_STEPS = 4000
+MAX_STEPS = 3000
 MAX_STEP = 300.0
 REPOLL = 3600.0
 # Up to this long, fast-forward samples exactly as the daemon would (every NVML interval, every
@@ -82,9 +82,9 @@ class ReusedReading:
 def default_step(seconds: float) -> float:
     """60 s, coarser for long runs so a run is at most MAX_STEPS cycles, never coarser than 5 min.
 
-    7 d: 152 s, 30 d: 300 s. Why not always 60 s: a cycle costs ~5 ms here (NVML over the
-    simulated driver, /proc, the evaluation, every third an inference scrape), so a week at 60 s
-    would take ~50 s; why at most 5 min: the step stays a sixth of the 30-minute idle window."""
+    7 d: 202 s, 30 d: 300 s. Why not always 60 s: a cycle costs 6-8 ms here (NVML over the
+    simulated driver, /proc, the evaluation, an inference scrape every 5 min), so a week at 60 s
+    would take over a minute; why at most 5 min: the step stays a sixth of the 30-minute idle window."""
     return float(min(MAX_STEP, max(FAST_STEP, math.ceil(seconds / MAX_STEPS))))
 
 

@@ -98,7 +98,7 @@ def test_slow_sources_are_read_for_real_only_when_their_answer_can_change() -> N
 
 def test_long_runs_step_coarser_but_never_past_five_minutes() -> None:
     assert default_step(3600) == 60.0
-    assert default_step(7 * 86400) == 152.0  # 7 d in ≤ MAX_STEPS cycles
+    assert default_step(7 * 86400) == 202.0  # 7 d in ≤ MAX_STEPS cycles
     assert 7 * 86400 / default_step(7 * 86400) <= MAX_STEPS
     assert default_step(30 * 86400) == MAX_STEP == 300.0
     with simulated("demo") as rt, pytest.raises(ValueError, match="step"):
