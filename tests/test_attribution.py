@@ -85,7 +85,8 @@ def test_demo_every_gpu_has_its_holder_and_the_free_one_is_unallocated() -> None
 
 
 def test_snapshot_table_names_every_holder_and_the_unallocated_gpu() -> None:
-    res = CliRunner().invoke(main, ["snapshot", "--simulate", "demo", "--start", str(START)])
+    res = CliRunner().invoke(main, ["snapshot", "--simulate", "demo", "--wide", "--start", str(START)],
+                             env={"COLUMNS": "300"})
     assert res.exit_code == 0, res.output
     rows = [line for line in res.output.splitlines() if "H100" in line]
     assert len(rows) == 8
