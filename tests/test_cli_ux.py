@@ -180,3 +180,32 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed (Debian package)")
+def test_playground_fires_idle_reserved_alert_through_prometheus() -> None:
+    """`gpucap playground`: a real Prometheus with the chart's rules pages on the demo's idle notebook."""
+    import signal
+    import urllib.request
+
+    port = _closed_port()
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "playground", "--speed", "150", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=BASE_ENV)
+    try:
+        banner = [proc.stdout.readline() for _ in range(6)]  # type: ignore[union-attr]
+        assert f"http://127.0.0.1:{port}/alerts" in "".join(banner), "".join(banner)
+        deadline = time.monotonic() + 110
+        firing: list[dict] = []
+        while time.monotonic() < deadline and not firing:
+            time.sleep(2)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/alerts", timeout=2) as r:
+                alerts = json.load(r)["data"]["alerts"]
+            firing = [a for a in alerts if a["labels"]["alertname"] == "GpucapIdleReservedGpu"
+                      and a["state"] == "firing"]
+        assert firing, alerts
+        assert firing[0]["labels"]["workload"] == "notebook-alice"
+        assert "$13.76/h" in firing[0]["annotations"]["summary"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    assert proc.returncode == 0
