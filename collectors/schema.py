@@ -276,7 +276,12 @@ class Reader:
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
-            if not broken:
+            if not broken and not path:
+                # the whole file: it may be any file the user pointed at by mistake; never echo it
+                self.problems.append(Problem(where, path, "a mapping at the top level",
+                                             detail="expected a mapping at the top level, got "
+                                             f"{type(data).__name__} (content not shown)"))
+            elif not broken:
                 self.problems.append(Problem(where, path, "a mapping", data))
             data, self.broken = {}, True
         self.data: Mapping[Any, Any] = data
