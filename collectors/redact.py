@@ -35,7 +35,8 @@ def redact_url(url: str) -> str:
     if parts.username is not None or parts.password is not None:
         userinfo = f"{parts.username or ''}:{MASK}@" if parts.password is not None else f"{parts.username}@"
     netloc = f"{userinfo}{host}{f':{port}' if port is not None else ''}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    path = parts.path if "@" not in parts.path else "/" + MASK  # `host/a:b@c`: a mistyped credential
+    return urlunsplit((parts.scheme, netloc, path, "", ""))
 
 
 def redact_text(text: str, urls: Iterable[str] = ()) -> str:
