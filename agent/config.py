@@ -96,6 +96,20 @@ class HistoryConfig:
 DEFAULT_HISTORY_PATH = "/var/lib/gpucap/history.db"
 
 
+@dataclass(frozen=True, slots=True)
+class RecommendConfig:
+    """`recommend:` thresholds of right-sizing (agent/recommend.py, docs/recommend.md)."""
+
+    headroom: float = 0.2
+    target_utilization: float = 0.8
+    idle_share: float = 0.95
+    saturated_share: float = 0.1
+    min_coverage: float = 0.5
+    min_samples: int = 60
+    window: float = 7 * 86400.0  # the live metric's window
+    refresh: float = 3600.0  # how often the live metric is recomputed from the ledger
+
+
 # Bounds on every timer setting (checked by check-config too): a value past them is a mistake that
 # would otherwise pass validation and then kill a loop thread (1e308 s) or spin a core (1 ms).
 _INTERVAL = {"minimum": 1.0, "maximum": 86400.0}
@@ -133,6 +147,7 @@ class Config:
     outcome_window: float = 900.0
     pricing: PricingConfig = field(default_factory=lambda: pricing_config_from_dict(None, "defaults"))
     history: HistoryConfig = HistoryConfig()
+    recommend: RecommendConfig = RecommendConfig()
     collectors: tuple[tuple[str, CollectorSettings], ...] = _DEFAULT_COLLECTORS
     path: str = ""
 
@@ -252,6 +267,8 @@ def _read_config(r: Reader) -> Config:
                             hs.size("max_size", 512 * 2**20), hs.bool("enabled", True))
     hs.done()
 
+    recommend = _read_recommend(r.section("recommend"))
+
     collectors = _read_collectors(r.section("collectors"), {"kubernetes": kube.enabled, "processes": procs.enabled})
     # The old per-section switches and collectors.<name>.enabled are one setting: false in either wins
     # (the Helm chart writes processes.enabled: false without hostPID, whatever the user's values say).
@@ -262,7 +279,23 @@ def _read_config(r: Reader) -> Config:
         node_name=node_name, listen=listen, log_format=log_format, log_level=log_level, nvml=nvml, kubelet=kubelet,
         kubernetes=kube, processes=procs, inference=inference, idle=idle, saturation=saturation,
         outcome_window=outcome_window, pricing=pricing, history=history, collectors=collectors, path=where,
+        recommend=recommend,
     )
+
+
+def _read_recommend(r: Reader) -> RecommendConfig:
+    """`recommend:`: every threshold of right-sizing, each a ratio in its range."""
+    rc = RecommendConfig(
+        headroom=r.number("headroom", 0.2, minimum=0.0, maximum=4.0),
+        target_utilization=r.number("target_utilization", 0.8, minimum=0.05, maximum=1.0),
+        idle_share=r.number("idle_share", 0.95, minimum=0.5, maximum=1.0),
+        saturated_share=r.number("saturated_share", 0.1, minimum=0.0, maximum=1.0),
+        min_coverage=r.number("min_coverage", 0.5, minimum=0.0, maximum=1.0),
+        min_samples=r.number("min_samples", 60, integer=True, minimum=1),
+        window=r.duration("window", 7 * 86400.0), refresh=r.duration("refresh", 3600.0),
+    )
+    r.done()
+    return rc
 
 
 def _read_collectors(r: Reader, legacy_enabled: dict[str, bool]) -> tuple[tuple[str, CollectorSettings], ...]:

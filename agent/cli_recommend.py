@@ -1,0 +1,205 @@
+"""`gpucap recommend`: right-sizing per workload from the node's ledger (`--history`), a simulated
+node fast-forwarded over the window (`--simulate`), or a whole fleet's PromQL store (`--prometheus`),
+as a table, CSV or JSON with the DESIGN §6 columns, or a self-contained HTML report."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from agent.cli_cost import _config, _duration, _fail, _progress, fill_simulated_history, setup_logging
+from agent.recommend import COLUMNS, Prices, Recommendation, Settings
+
+MAX_WINDOW = 90 * 86400.0
+
+
+def settings_from_config(config: Any) -> Settings:
+    """The engine's thresholds: `recommend:` plus the agent's own idle threshold and MIG cost basis,
+    so a report agrees with the live states and prices."""
+    rc = config.recommend
+    return Settings(headroom=rc.headroom, target_utilization=rc.target_utilization, idle_share=rc.idle_share,
+                    saturated_share=rc.saturated_share, min_coverage=rc.min_coverage, min_samples=rc.min_samples,
+                    idle_threshold=config.idle.threshold, mig_cost_basis=config.pricing.mig_cost_basis)
+
+
+@click.command()
+@click.option("--history", "history_path", envvar="GPUCAP_HISTORY", show_envvar=True,
+              type=click.Path(dir_okay=False), help="The node's ledger (history.db).")
+@click.option("--simulate", envvar="GPUCAP_SIMULATE", show_envvar=True, default=None, metavar="SCENARIO",
+              help="Fast-forward a simulated node over the window (headless) and recommend on it.")
+@click.option("--prometheus", "prometheus_url", envvar="GPUCAP_PROMETHEUS", show_envvar=True, default=None,
+              metavar="URL", help="A Prometheus-compatible store (Prometheus, VictoriaMetrics, Thanos, Mimir) with "
+              "gpucap's series: one row per workload across the fleet.")
+@click.option("--window", envvar="GPUCAP_WINDOW", show_envvar=True, callback=_duration, default="7d",
+              show_default=True, help="How much behaviour to size on, back from now (or the end of the simulation).")
+@click.option("--format", "fmt", envvar="GPUCAP_FORMAT", show_envvar=True,
+              type=click.Choice(["table", "csv", "json", "html"]), default="table", show_default=True)
+@click.option("--output", "output", envvar="GPUCAP_OUTPUT", show_envvar=True, type=click.Path(dir_okay=False),
+              default=None, help="Write to this file instead of standard output.")
+@click.option("--config", "config_path", envvar="GPUCAP_CONFIG", show_envvar=True, type=click.Path(dir_okay=False))
+@click.option("--start", "start", type=float, default=None, hidden=True,
+              help="With --simulate: the simulated clock's start (Unix seconds), for reproducible output.")
+def recommend(history_path: str | None, simulate: str | None, prometheus_url: str | None, window: float,
+              fmt: str, output: str | None, config_path: str | None, start: float | None) -> None:
+    """Per workload: release, downsize to a MIG slice or a cheaper GPU, consolidate, scale up or keep,
+    with the target, the monthly savings and the confidence."""
+    sources = [x for x in (history_path, simulate, prometheus_url) if x]
+    if len(sources) != 1:
+        raise click.UsageError("give exactly one of --history PATH, --simulate SCENARIO or --prometheus URL")
+    if window > MAX_WINDOW:
+        raise click.BadParameter(f"expected at most 90d, got {window / 86400:g}d", param_hint="--window")
+    if window < 3600:
+        raise click.BadParameter(f"expected at least 1h, got {window:g}s", param_hint="--window")
+    config = _config(config_path)
+    setup_logging("text", "error")
+    settings = settings_from_config(config)
+    prices = Prices.from_pricing(config.pricing)
+    html = fmt == "html"
+    tmp = None
+    try:
+        if prometheus_url:
+            from agent.fleet import FleetError, recommend_from_prometheus
+
+            end = time.time()
+            try:
+                recs = recommend_from_prometheus(prometheus_url, end - window, end, settings, prices,
+                                                 config.pricing, with_series=html, on_progress=_progress(1.0))
+            except FleetError as e:
+                _fail(str(e), 1)
+            source = f"prometheus {prometheus_url}"
+        else:
+            if simulate:
+                tmp = tempfile.mkdtemp(prefix="gpucap-recommend-")
+                history_path = os.path.join(tmp, "history.db")
+                fill_simulated_history(config, simulate, window, history_path, start)
+                source = f"simulated {simulate}"
+            else:
+                source = f"ledger {history_path}"
+            recs = _from_ledger(str(history_path), window, settings, prices, html)
+        text = render(recs, fmt, source=source, settings=settings)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if output:
+        try:
+            with open(output, "w", encoding="utf-8", newline="") as f:
+                f.write(text)
+        except OSError as e:
+            _fail(f"{output}: cannot write: {e.strerror}", 2)
+        click.echo(f"wrote {output} ({len(recs)} workloads)", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
+def _from_ledger(path: str, window: float, settings: Settings, prices: Prices,
+                 with_series: bool) -> list[Recommendation]:
+    from agent.history import History
+    from agent.recommend import from_history
+
+    try:
+        history = History(path)
+    except FileNotFoundError:
+        _fail(f"{path}: no such ledger (run the agent with --history {path}, or history.path in the config)", 2)
+    try:
+        span = history.span()
+        if span is None:
+            _fail(f"{path}: the ledger holds no minute yet", 1)
+        assert span is not None
+        end = span[1] + 60.0  # the window ends at the ledger's last minute: an old ledger still answers
+        return from_history(history, end - window, end, settings, prices, with_series)
+    finally:
+        history.close()
+
+
+# ------------------------------------------------------------------------------ rendering
+def _rfc3339(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _cells(r: Recommendation) -> dict[str, Any]:
+    row = r.row()
+    row["window_start"] = _rfc3339(r.window_start)
+    row["window_end"] = _rfc3339(r.window_end)
+    return row
+
+
+def to_csv(recs: Sequence[Recommendation]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COLUMNS)
+    for r in recs:
+        row = _cells(r)
+        w.writerow(["" if row[c] is None else row[c] for c in COLUMNS])
+    return buf.getvalue()
+
+
+def summary(recs: Sequence[Recommendation]) -> dict[str, Any]:
+    """What a finance review reads first: spend, savings by action and by team."""
+    by_action: dict[str, float] = {}
+    by_team: dict[str, float] = {}
+    for r in recs:
+        if r.monthly_savings_dollars > 0:
+            by_action[r.action] = round(by_action.get(r.action, 0.0) + r.monthly_savings_dollars, 2)
+            by_team[r.team or "(none)"] = round(by_team.get(r.team or "(none)", 0.0) + r.monthly_savings_dollars, 2)
+    return {"workloads": len(recs),
+            "current_monthly_cost_dollars": round(sum(r.current_monthly_cost_dollars for r in recs), 2),
+            "monthly_savings_dollars": round(sum(max(0.0, r.monthly_savings_dollars) for r in recs), 2),
+            "scale_up_monthly_cost_dollars": round(sum(-r.monthly_savings_dollars for r in recs
+                                                       if r.action == "scale_up"), 2),
+            "savings_by_action": by_action, "savings_by_team": by_team}
+
+
+def to_json(recs: Sequence[Recommendation], source: str = "", settings: Settings | None = None) -> str:
+    start = min((r.window_start for r in recs), default=0.0)
+    end = max((r.window_end for r in recs), default=0.0)
+    doc = {"window": {"start": _rfc3339(start), "end": _rfc3339(end)}, "source": source,
+           "settings": {k: getattr(settings, k) for k in Settings.__slots__} if settings else {},
+           "summary": summary(recs), "columns": list(COLUMNS), "recommendations": [_cells(r) for r in recs]}
+    return json.dumps(doc, indent=2) + "\n"
+
+
+_TABLE = (("WORKLOAD", 34), ("GPUS", 5), ("P95", 5), ("MEM PEAK", 9), ("SAT", 4), ("ACTION", 12),
+          ("TARGET", 16), ("NOW $/MO", 10), ("SAVES $/MO", 11), ("CONF", 4))
+
+
+def to_table(recs: Sequence[Recommendation]) -> str:
+    lines = ["  ".join(f"{h:<{w}}" for h, w in _TABLE).rstrip()]
+    for r in recs:
+        cells = (f"{r.namespace}/{r.workload}", f"{r.allocation:g}", "-" if r.activity_p95 is None else
+                 f"{r.activity_p95:.2f}", "-" if r.memory_peak_bytes is None else f"{r.memory_peak_bytes / 2**30:.1f}G",
+                 "-" if r.saturated_ratio is None else f"{r.saturated_ratio:.0%}", r.action, r.target or "-",
+                 f"{r.current_monthly_cost_dollars:,.0f}", f"{r.monthly_savings_dollars:,.0f}", f"{r.confidence:.2f}")
+        lines.append("  ".join(f"{c:<{w}}" for c, (_, w) in zip(cells, _TABLE)).rstrip())
+    s = summary(recs)
+    lines.append("")
+    lines.append(f"{s['workloads']} workloads, ${s['current_monthly_cost_dollars']:,.0f}/month now; "
+                 f"${s['monthly_savings_dollars']:,.0f}/month of savings available"
+                 + (f"; scaling up adds ${s['scale_up_monthly_cost_dollars']:,.0f}/month"
+                    if s["scale_up_monthly_cost_dollars"] else "") + " (730 h a month).")
+    for r in recs:
+        lines.append(f"  {r.namespace}/{r.workload}: {r.reason}")
+    return "\n".join(lines) + "\n"
+
+
+def render(recs: Sequence[Recommendation], fmt: str, source: str = "", settings: Settings | None = None) -> str:
+    if fmt == "csv":
+        return to_csv(recs)
+    if fmt == "json":
+        return to_json(recs, source, settings)
+    if fmt == "html":
+        try:
+            from agent.report_html import render_html
+        except ImportError as e:
+            _fail(f"--format html needs the report extra (pip install 'gpucap[report]'): {e}", 2)
+        return render_html(recs, source=source, summary=summary(recs))
+    return to_table(recs)
