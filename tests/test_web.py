@@ -326,3 +326,18 @@ def _wait(predicate, timeout: float, what: str):
             last = e
         time.sleep(0.25)
     raise AssertionError(f"timed out waiting for {what}: {last!r}")
+
+
+def test_the_chart_mounts_the_web_config_secret_and_probes_over_https() -> None:
+    helm = pytest.importorskip("tests.test_helm", reason="helm-python-sdk not installed")
+    objects = helm.render({"web": {"configSecret": "gpucap-web", "tls": True}})
+    ds = helm.one(objects, "DaemonSet")
+    c = helm.container(objects)
+    assert c["args"][-2:] == ["--web.config.file", "/etc/gpucap/web/web-config.yml"]
+    assert {"name": "web-config", "mountPath": "/etc/gpucap/web", "readOnly": True} in c["volumeMounts"]
+    vol = next(v for v in ds["spec"]["template"]["spec"]["volumes"] if v["name"] == "web-config")
+    assert vol["secret"]["secretName"] == "gpucap-web"
+    assert c["livenessProbe"]["httpGet"]["scheme"] == c["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    plain = helm.container(helm.render({}))
+    assert "--web.config.file" not in plain["args"]
