@@ -96,6 +96,7 @@ class Recommendation:
     confidence: float
     reason: str
     units: int = 0
+    idle_ratio: float = 0.0  # share of the observed unit-minutes at or under the idle threshold
     target_memory_bytes: int | None = None
     series: dict[str, list[Any]] = field(default_factory=dict)  # hourly, for the HTML report
 
@@ -184,7 +185,7 @@ def aggregate(unit_rows: Iterable[Mapping[str, Any]], server_rows: Iterable[Mapp
             w.mem_total = min(w.mem_total or int(r["mem_total"]), int(r["mem_total"]))
         if r.get("mem_max") is not None:
             w.mem_peak = max(w.mem_peak or 0, int(r["mem_max"]))
-            m.mem += int(r["mem_max"])
+            m.mem = max(m.mem, int(r["mem_max"]))  # per unit: what one unit must hold
         n = int(r.get("act_samples") or 0)
         if n <= 0 or r.get("act_p95") is None:
             continue  # a minute with no activity sample is not evidence of anything
@@ -328,7 +329,7 @@ def decide(w: _Workload, start: float, end: float, s: Settings, prices: Prices,
         saturated_ratio=_r(saturated), action=action, target=target,
         current_monthly_cost_dollars=_money(current), recommended_monthly_cost_dollars=_money(recommended),
         monthly_savings_dollars=_money(current - recommended), confidence=confidence, reason=reason,
-        units=units, target_memory_bytes=target_mem)
+        units=units, idle_ratio=round(idle, 4), target_memory_bytes=target_mem)
     if with_series:
         rec.series = _series(w)
     return rec

@@ -8,6 +8,9 @@ import csv
 import io
 import json
 import os
+import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -313,3 +316,36 @@ def test_missing_ledger_and_bad_config_exit_2(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["recommend", "--history", "x.db", "--config", str(cfg)])
     assert res.exit_code == 2
     assert "recommend.headroom" in res.output and "recommend.target_utilization" in res.output
+
+
+# ------------------------------------------------------------------------------ the HTML report
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed (Debian package chromium)")
+def test_html_report_renders_offline_in_headless_chromium(demo_day: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    out = tmp_path / "report.html"
+    res = CliRunner().invoke(main, ["recommend", "--history", str(demo_day), "--window", "1d", "--format", "html",
+                                    "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    text = out.read_text()
+    # self-contained: nothing to fetch (namespace URIs inside SVG are identifiers, not requests)
+    assert not re.search(r"<(script|link|img)\b[^>]*(src|href)=['\"]https?:", text)
+    charts = re.findall(r"<div class='chart' id='([^']+)'><svg", text)
+    assert {"chart-by-action", "chart-by-team"} <= set(charts)
+    # every workload has its capacity and memory charts; the two servers have a queue chart too
+    assert sum(c.endswith("-capacity") for c in charts) == 4 and sum(c.endswith("-queue") for c in charts) == 2
+    for svg in re.findall(r"<svg.*?</svg>", text, flags=re.DOTALL):
+        assert svg.count("<path") >= 5  # axes, ticks and at least one data line or bar: not an empty frame
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--no-first-run", "--proxy-server=http://127.0.0.1:9",
+                    f"--user-data-dir={tmp_path / 'chromium'}", f"--screenshot={shot}", "--window-size=1280,2400",
+                    out.as_uri()], check=True, timeout=120, capture_output=True)
+    img = Image.open(shot).convert("RGB")
+    colours = img.getcolors(maxcolors=1 << 20) or []
+    assert len(colours) > 50  # charts drawn, not a blank page
+    # the action colours of the bars and badges are on screen (release red, downsize_mig orange)
+    near = {c for _, c in colours}
+    assert any(abs(r - 0xC0) < 12 and abs(g - 0x39) < 12 and abs(b - 0x2B) < 12 for r, g, b in near)
+    assert any(abs(r - 0xE6) < 12 and abs(g - 0x7E) < 12 and abs(b - 0x22) < 12 for r, g, b in near)
