@@ -321,7 +321,7 @@ class MetricsServer:
                  alive: Callable[[], tuple[bool, str]] | None = None,
                  web_config: WebConfig | None = None, workers: int = 16, backlog: int = 128,
                  read_timeout: float = 10.0, idle_timeout: float = 30.0, max_request_bytes: int = 16384,
-                 busy_wait: float = 2.0):
+                 busy_wait: float = 0.25):
         self.get_state = get_state
         self._last_evaluation = last_evaluation
         self.stale_after = stale_after
