@@ -68,7 +68,12 @@ def recommend(history_path: str | None, simulate: str | None, prometheus_url: st
     tmp = None
     try:
         if prometheus_url:
-            from agent.fleet import FleetError, recommend_from_prometheus
+            from agent.fleet import FleetError
+
+            try:
+                from agent.fleet import recommend_from_prometheus  # type: ignore[attr-defined]
+            except ImportError:
+                _fail("--prometheus is not available for recommend yet: use --history on each node", 1)
 
             end = time.time()
             try:
