@@ -1,4 +1,4 @@
-"""The only module that speaks Prometheus: renders the latest AgentState; serves /metrics and /healthz.
+"""The only module that speaks Prometheus: renders the latest AgentState (served by agent/web.py).
 
 Scrapes read the state the loop last published and never call NVML, the kubelet or the API
 server, so a stuck source cannot slow a scrape. Families are built fresh from each new state, so
@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import gzip
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder
+from prometheus_client.exposition import choose_encoder
 
 from agent import __version__
 from agent.model import OWNER_LABELS, STATES, UNIT_LABELS, AgentState
@@ -384,51 +382,6 @@ def prepare(state: AgentState | None) -> None:
     encode_for(state, "", "gzip")
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-class MetricsServer:
-    """/metrics (Prometheus text) and /healthz (200 while the loop evaluates; 503 when stuck)."""
-
-    def __init__(self, host: str, port: int, get_state: Callable[[], AgentState | None],
-                 last_evaluation: Callable[[], float], stale_after: float = 120.0):
-        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-            path = environ.get("PATH_INFO", "/")
-            if path == "/metrics":
-                body, headers = encode_for(get_state(), environ.get("HTTP_ACCEPT", ""),
-                                           environ.get("HTTP_ACCEPT_ENCODING", ""))
-                start_response("200 OK", headers + [("Content-Length", str(len(body)))])
-                return [body]
-            if path == "/healthz":
-                age = time.monotonic() - last_evaluation()
-                ok = get_state() is not None and age < stale_after
-                start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
-                return [b"ok\n" if ok else f"not ready: last evaluation {age:.0f}s ago\n".encode()]
-            if path == "/":
-                start_response("200 OK", [("Content-Type", "text/html")])
-                return [(b'<html><body><h1>gpucap</h1><a href="/metrics">/metrics</a> '
-                        b'<a href="/healthz">/healthz</a></body></html>')]
-            start_response("404 Not Found", [("Content-Type", "text/plain")])
-            return [b"not found\n"]
-
-        server_cls = ThreadingWSGIServer
-        if ":" in host:
-            import socket
-
-            class _V6(ThreadingWSGIServer):
-                address_family = socket.AF_INET6
-
-            server_cls = _V6
-        self.httpd = make_server(host or "0.0.0.0", port, app, server_class=server_cls, handler_class=_QuietHandler)
-        self.port = self.httpd.server_port
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="gpucap-http", daemon=True)
-
-    def start(self) -> MetricsServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+# The HTTP server moved to agent/web.py (bounded pool, timeouts, TLS and basic auth); kept importable
+# from here for the callers that know it by this path.
+from agent.web import MetricsServer  # noqa: F401 - re-exported
