@@ -209,3 +209,11 @@ def test_playground_fires_idle_reserved_alert_through_prometheus() -> None:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
     assert proc.returncode == 0
+
+
+def test_shell_completion_completes_scenario_names() -> None:
+    env = {**BASE_ENV, "COMP_WORDS": "gpucap snapshot --simulate de", "COMP_CWORD": "3",
+           "_GPUCAP_COMPLETE": "bash_complete"}
+    p = subprocess.run([sys.executable, "-c", "from agent.cli import main; main(prog_name='gpucap')"],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=60, check=False)
+    assert "plain,demo\n" in p.stdout and "plain,demo-lost-gpu\n" in p.stdout and "mig" not in p.stdout
