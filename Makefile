@@ -6,7 +6,7 @@ PYTHON ?= python3
 PIP_FLAGS := $(shell $(PYTHON) -c "import os, sys, sysconfig; print('--break-system-packages' if sys.prefix == sys.base_prefix and os.path.exists(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')) else '')" 2>/dev/null)
 APT = $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: test deps lint bench golden
+.PHONY: test deps lint bench golden playground
 
 test: deps
 	$(PYTHON) -m pytest -q
@@ -31,3 +31,7 @@ golden:
 
 bench:
 	$(PYTHON) bench/run.py
+
+# Prometheus with the chart's alert rules scraping two simulated nodes at 120x (Ctrl-C stops it)
+playground:
+	$(PYTHON) -m agent.cli playground

@@ -309,6 +309,22 @@ class InferenceReading:
     at: float
 
 
+@dataclass(frozen=True, slots=True)
+class TargetStatus:
+    """One scrape target's latest outcome, so `gpucap snapshot` can show a failing target (a refused
+    connection is otherwise only a count in `gpucap_inference_target_errors_total`)."""
+
+    url: str
+    namespace: str
+    pod: str
+    source: str
+    ok: bool
+    error_kind: str = ""
+    error: str = ""
+    failing_since: float | None = None  # collect time of the first failure of the current streak
+    last_success: float | None = None
+
+
 class TargetsFailed(SourceError):
     """Every target failed this cycle. Each failure is already counted per target and kind in
     `errors_total`; the loop must not count the cycle again (it did: one refused connection read
@@ -335,11 +351,12 @@ class InferenceCollector:
         self._targets_fn = targets_fn
         self._timeout = timeout
         self._max_bytes = max_bytes
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="gpucap-inference")
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="gpucap-infer-get")
         self._tracker = CounterTracker()
         self._errors_total: dict[tuple[str, str], int] = defaultdict(int)
         self._last_logged: dict[tuple[str, str], float] = {}
         self._seen: dict[str, float] = {}  # url -> last time it was a target
+        self._status: dict[str, TargetStatus] = {}  # url -> latest outcome (current targets only)
         self._tls = ssl.create_default_context()
         if not verify_tls:
             self._tls.check_hostname = False
@@ -375,6 +392,7 @@ class InferenceCollector:
                 outcome = _Failure("timeout", "no answer before the deadline")
             if isinstance(outcome, _Failure):  # a library's message may quote a URL, credentials and all
                 outcome = _Failure(outcome.kind, redact_text(outcome.detail, (target.url,)))
+            self._note_status(target, outcome, now)
             if isinstance(outcome, _Failure):
                 errors.append((target.url, outcome.kind))
                 self._record_error(target.url, outcome.kind, outcome.detail, now)
@@ -382,6 +400,9 @@ class InferenceCollector:
             servers.extend(self._totals(target, stats, now) for stats in outcome)
         self._tracker.prune(now)
         self._forget_gone_targets({t.url for t in targets}, now)
+        current = {t.url for t in targets}
+        for url in [u for u in self._status if u not in current]:
+            del self._status[url]
         if errors and len(errors) == len(targets):
             summary = "; ".join(f"{redact_url(url)}: {kind}" for url, kind in errors[:5])
             raise TargetsFailed(SOURCE, f"all {len(targets)} targets failed: {summary}")
@@ -405,6 +426,21 @@ class InferenceCollector:
             generated_tokens_per_second=stats.generated_tokens_per_second,
             **counters,
         )
+
+    def target_status(self) -> tuple[TargetStatus, ...]:
+        """Every current target's latest outcome (a URL may hold credentials: redact before showing)."""
+        return tuple(self._status.values())
+
+    def _note_status(self, target: Target, outcome: object, now: float) -> None:
+        prev = self._status.get(target.url)
+        if isinstance(outcome, _Failure):
+            since = prev.failing_since if prev is not None and not prev.ok else now
+            self._status[target.url] = TargetStatus(
+                target.url, target.namespace, target.pod, target.source, False, outcome.kind, outcome.detail,
+                since, prev.last_success if prev is not None else None)
+        else:
+            self._status[target.url] = TargetStatus(target.url, target.namespace, target.pod, target.source,
+                                                    True, last_success=now)
 
     def _forget_gone_targets(self, current: set[str], now: float) -> None:
         """Pods come and go: fold the error counts of URLs gone for a while into one "(gone)" entry

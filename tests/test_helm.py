@@ -211,8 +211,8 @@ def test_daemonset_lands_on_gpu_nodes_and_sees_every_gpu(default_objects: Object
     assert not any(k.startswith("nvidia.com/") for part in c["resources"].values() for k in part)
     assert c["command"] + c["args"] == ["gpucap", "run", "--config", "/etc/gpucap/config.yaml"]
     assert c["resources"]["requests"] and c["resources"]["limits"]
-    for probe in (c["livenessProbe"], c["readinessProbe"]):
-        assert probe["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics", "scheme": "HTTP"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics", "scheme": "HTTP"}
     # Of the node it mounts the kubelet's socket directory (read-only) and the ledger's directory.
     assert [v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v] == [
         "/var/lib/kubelet/pod-resources", "/var/lib/gpucap"]

@@ -189,3 +189,19 @@ def test_readme_examples_say_what_they_show(workdir: Path) -> None:
                        cwd=workdir, env=_env(workdir), capture_output=True, text=True, timeout=300, check=True)
     assert "research/notebook-alice" in p.stdout and "idle reserved" in p.stdout
     assert re.search(r"idle reserved: 2 units, \$13\.76/h, \$10,044\.80/month", p.stdout), p.stdout
+
+
+def test_alert_runbook_urls_point_at_existing_sections() -> None:
+    """Each alert's runbook_url lands on its own section of docs/alerts.md (GitHub's heading anchors)."""
+    import yaml
+
+    doc = (REPO / "docs" / "alerts.md").read_text()
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", doc, re.MULTILINE)}
+    rules = yaml.safe_load((REPO / "deploy/helm/gpucap/rules/gpucap-alerts.yaml").read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            if "alert" not in rule:
+                continue
+            url = rule["annotations"].get("runbook_url", "")
+            assert url.split("#")[0].endswith("docs/alerts.md"), rule["alert"]
+            assert url.split("#")[1] == rule["alert"].lower() and url.split("#")[1] in anchors, url

@@ -91,6 +91,7 @@ BROKEN_EXPECTATIONS = {
         exp_alerts:
           - exp_labels: {severity: warning, namespace: ml, workload_kind: StatefulSet, workload: nb, team: research}
             exp_annotations:
+              runbook_url: 'https://github.com/gpucap/gpucap/blob/main/docs/alerts.md#gpucapidlereservedgpu'
               summary: 'ml/nb holds idle reserved GPUs costing $6.00/h'
               description: 'StatefulSet ml/nb (team "research") holds 1 idle reserved GPU unit(s), idle for 2h 0m 0s at $6.88/h ($5022/month). Release the GPUs or scale the workload down.'
 """,
@@ -108,6 +109,7 @@ BROKEN_EXPECTATIONS = {
         exp_alerts:
           - exp_labels: {severity: critical, node: n1, gpu: "5", uuid: GPU-ddd5, model: NVIDIA H100 80GB HBM3}
             exp_annotations:
+              runbook_url: 'https://github.com/gpucap/gpucap/blob/main/docs/alerts.md#gpucapgpulost'
               summary: 'GPU 5 on node n1 is lost'
               description: 'NVML reports GPU 5 (GPU-ddd5, NVIDIA H100 80GB HBM3) on node n1 as lost ($6.88/h). Held by ml/nb-0 (StatefulSet nb, team "research", $6.88/h): the holders keep paying for a GPU that cannot run, and that spend is waste. Cordon and drain the node; the GPU usually needs a reset or the node a reboot.'
 """,

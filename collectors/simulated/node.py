@@ -193,6 +193,7 @@ class SimNode:
 
     def __init__(self, sc: Scenario):
         from collectors.simulated.inference import TrafficModel
+        from collectors.simulated.traffic import WARMUP_S
 
         self.sc = sc
         self.allocations = allocate(sc)
@@ -206,8 +207,13 @@ class SimNode:
                     server=inf.server, model=inf.model, capacity_rps=inf.capacity_rps,
                     mean_prompt_tokens=inf.prompt_tokens, mean_generated_tokens=inf.generated_tokens,
                     max_running=inf.max_running, seed=sc.seed + zlib.crc32(p.uid.encode()) % 1000,
+                    warmup_s=WARMUP_S,  # the first screen shows the scenario's story (traffic.py)
                 )
         self._traffic_t = 0.0
+        for p in sc.pods:  # warm start at t=0 (traffic.py): the first render is already the steady state
+            tm0 = self._traffic.get(p.uid)
+            if tm0 is not None and p.inference is not None and p.alive(0.0):
+                tm0.advance(0.0, load_at(p.inference.traffic, 0.0, sc.seed, p.uid))
         # Who holds what changes only when a pod starts or ends: index it per epoch (the span between
         # two such times), not per t, so GPM's intermediate points and a week of steps reuse it.
         self._changes = sorted({p.start for p in sc.pods} | {p.end for p in sc.pods if p.end is not None})
