@@ -41,6 +41,22 @@ from agent.threads import name_native_threads
 
 name_native_threads()  # before any thread starts, so every thread is named
 
+_EXITED: list[tuple[int, str, float]] = []  # (native id, kernel name, CPU seconds) of threads that ended
+_run = threading.Thread.run
+
+
+def _counted_run(self: threading.Thread) -> None:
+    """Thread.run, recording the thread's CPU when it ends: the loop starts a thread per collection
+    and the simulated HTTP servers one per request, so their CPU would otherwise vanish."""
+    try:
+        _run(self)
+    finally:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+            _EXITED.append((threading.get_native_id(), f.read().strip(), time.thread_time()))
+
+
+threading.Thread.run = _counted_run  # type: ignore[method-assign]
+
 import psutil
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
@@ -178,7 +194,8 @@ def thread_cpu() -> dict[str, float]:
 
 def group(comm: str) -> str:
     name = comm.rsplit("#", 1)[0]
-    if name.startswith("sim-") or name.endswith("-req"):
+    if name.startswith(("sim-", "Thread-")) or name.endswith("-req"):
+        # Thread-N (_serve): grpc's Python server loop, which only the simulated kubelet runs
         return "simulator: HTTP/gRPC servers"
     if name.startswith(("loop-", "nvml", "podresources", "kubernetes", "processes", "inference", "infer-get")):
         return "agent: collectors"
@@ -199,16 +216,22 @@ def measure_cpu(scenario: str, seconds: float) -> dict[str, float]:
         time.sleep(12.0)  # warm: every source has run, GPM has two samples, first scrape encoded
         scr = scrape_from_process(a.port, n=int(seconds // 15) + 2, every=15.0, prometheus=True)
         proc = psutil.Process()
+        mark = len(_EXITED)
         t0, w0, p0 = thread_cpu(), time.monotonic(), proc.cpu_times()
         time.sleep(seconds)
         t1, w1, p1 = thread_cpu(), time.monotonic(), proc.cpu_times()
+        exited = _EXITED[mark:]
         scr.kill()
         wall = w1 - w0
         groups: Counter = Counter()
         for k, v in t1.items():
             groups[group(k)] += v - t0.get(k, 0.0)
+        for tid, comm, cpu in exited:
+            key = f"{comm}#{tid}"
+            if key not in t1:
+                groups[group(key)] += max(0.0, cpu - t0.get(key, 0.0))
         total = (p1.user + p1.system) - (p0.user + p0.system)
-        groups["exited threads (per-request handlers)"] += max(0.0, total - sum(groups.values()))
+        groups["unaccounted (native threads that ended)"] += max(0.0, total - sum(groups.values()))
         out = {f"cpu% {g}": 100 * v / wall for g, v in groups.items()}
         out["cpu% process"] = 100 * total / wall
         agent = sum(v for g, v in groups.items() if g.startswith("agent"))
