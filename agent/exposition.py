@@ -294,7 +294,7 @@ def make_registry(get_state: Callable[[], AgentState | None]) -> CollectorRegist
     return reg
 
 
-CACHE_STATES = 4  # states whose encodings are kept: the published one, plus a few a test or CLI holds
+CACHE_STATES = 2  # states whose encodings are kept: the published one and the one before (scrapes in flight)
 GZIP_LEVEL = 6
 
 
