@@ -333,7 +333,7 @@ BAD_CATALOGS = [
     ("gpu_models: [L4]\n", "gpu_models", "expected a mapping"),
     ("prices: {}\n", "prices", "unknown key (known here: gpu_models, instance_types)"),
     ("default: {gpu_hourly: 1}\n", "default", "unknown key (known here: gpu_models, instance_types)"),
-    ("- just\n- a list\n", "", "expected a mapping, got ['just', 'a list']"),
+    ("- just\n- a list\n", "", "expected a mapping at the top level, got list (content not shown)"),
 ]
 
 
