@@ -12,6 +12,7 @@ import socket
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from agent.focus import FocusSettings
 from collectors.pricing import PricingConfig, pricing_config_from_dict, read_pricing_config
 from collectors.redact import redact_url
 from collectors.schema import Reader, load_yaml_file
@@ -110,6 +111,50 @@ class RecommendConfig:
     refresh: float = 3600.0  # how often the live metric is recomputed from the ledger
 
 
+# --- cost: (budgets and the FOCUS export; agent/budgets.py, agent/focus.py, docs/cost.md) --------------
+@dataclass(frozen=True, slots=True)
+class CostConfig:
+    """`cost:`: monthly GPU budgets per team (for `gpucap cost`; the chart's `budgets` value renders
+    the same figures into alerts) and the FOCUS columns a node cannot know (`cost.focus.*`).
+    Budgets are (team, dollars) pairs, sorted, so the tree stays frozen and hashable."""
+
+    budgets: tuple[tuple[str, float], ...] = ()
+    focus: FocusSettings = field(default_factory=FocusSettings)
+
+    def budget_map(self) -> dict[str, float]:
+        return dict(self.budgets)
+
+
+_FOCUS_KEYS = tuple(FocusSettings.__dataclass_fields__)
+
+
+def _read_cost(r: Reader) -> CostConfig:
+    """`cost.budgets: {team: monthly dollars}` and `cost.focus.<column setting>: string`."""
+    budgets = []
+    bd = r.section("budgets")
+    for team in list(bd.data) if isinstance(bd.data, dict) else []:
+        if not isinstance(team, str) or not team:
+            bd.problem(team, "a team name (a non-empty string, the value of the team label)", team)
+            bd.ignore_rest()
+            continue
+        dollars = bd.number(team, minimum=0.0, exclusive_minimum=True,
+                            expected="monthly dollars, a number > 0")
+        if dollars:
+            budgets.append((team, float(dollars)))
+    bd.done()
+    fc = r.section("focus")
+    values = {k: fc.str(k, getattr(FocusSettings(), k)) for k in _FOCUS_KEYS}
+    if fc.has("billing_currency") and not (len(values["billing_currency"]) == 3
+                                           and values["billing_currency"].isalpha()
+                                           and values["billing_currency"].isupper()):
+        fc.problem("billing_currency", "an ISO 4217 currency code such as USD", values["billing_currency"])
+        values["billing_currency"] = "USD"
+    fc.done()
+    r.done()
+    return CostConfig(budgets=tuple(sorted(budgets)), focus=FocusSettings(**values))
+# --- end cost: ---------------------------------------------------------------------------------------
+
+
 # Bounds on every timer setting (checked by check-config too): a value past them is a mistake that
 # would otherwise pass validation and then kill a loop thread (1e308 s) or spin a core (1 ms).
 _INTERVAL = {"minimum": 1.0, "maximum": 86400.0}
@@ -148,6 +193,7 @@ class Config:
     pricing: PricingConfig = field(default_factory=lambda: pricing_config_from_dict(None, "defaults"))
     history: HistoryConfig = HistoryConfig()
     recommend: RecommendConfig = RecommendConfig()
+    cost: CostConfig = CostConfig()
     collectors: tuple[tuple[str, CollectorSettings], ...] = _DEFAULT_COLLECTORS
     path: str = ""
 
@@ -268,6 +314,7 @@ def _read_config(r: Reader) -> Config:
     hs.done()
 
     recommend = _read_recommend(r.section("recommend"))
+    cost = _read_cost(r.section("cost"))
 
     collectors = _read_collectors(r.section("collectors"), {"kubernetes": kube.enabled, "processes": procs.enabled})
     # The old per-section switches and collectors.<name>.enabled are one setting: false in either wins
@@ -279,7 +326,7 @@ def _read_config(r: Reader) -> Config:
         node_name=node_name, listen=listen, log_format=log_format, log_level=log_level, nvml=nvml, kubelet=kubelet,
         kubernetes=kube, processes=procs, inference=inference, idle=idle, saturation=saturation,
         outcome_window=outcome_window, pricing=pricing, history=history, collectors=collectors, path=where,
-        recommend=recommend,
+        recommend=recommend, cost=cost,
     )
 
 
