@@ -63,6 +63,11 @@ pod spec: the listen port, the mounted socket, hostPID for the processes collect
 {{- $_ := set $history "enabled" false }}
 {{- end }}
 {{- $_ := set $cfg "history" $history }}
+{{- if .Values.budgets }}
+{{- $cost := deepCopy (get $cfg "cost" | default dict) }}
+{{- $_ := set $cost "budgets" (mergeOverwrite (deepCopy (get $cost "budgets" | default dict)) .Values.budgets) }}
+{{- $_ := set $cfg "cost" $cost }}
+{{- end }}
 {{- if not .Values.hostPID }}
 {{- $processes := deepCopy (get $cfg "processes" | default dict) }}
 {{- $_ := set $processes "enabled" false }}
