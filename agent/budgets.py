@@ -121,7 +121,7 @@ def budget_status(report: Any, budgets: Mapping[str, float] | Iterable[tuple[str
 
 
 def _money(v: float) -> str:
-    return f"${v:,.2f}"
+    return f"${v:,.0f}"  # budgets are whole dollars; the cost table above has the cents
 
 
 _LABEL = {"ok": "ok", "near": "near budget", "projected_over": "PROJECTED OVER", "over": "OVER BUDGET"}
@@ -129,19 +129,19 @@ _LABEL = {"ok": "ok", "near": "near budget", "projected_over": "PROJECTED OVER",
 
 def budget_lines(report: Any, budgets: Mapping[str, float] | Iterable[tuple[str, float]],
                  now: float | None = None) -> list[str]:
-    """The budget block of the `gpucap cost` table: per budgeted team, budget, month to date, projected
-    month and its share of the budget, idle reserved dollars so far, and a status word."""
+    """The budget block of the `gpucap cost` table (80 columns): per budgeted team, budget, month to
+    date, projected month and its share of the budget, idle reserved dollars so far, and a status."""
     st = budget_status(report, budgets, now)
-    out = [(f"BUDGETS {st.month} (month to date: {st.observed_hours:,.1f} h observed, {st.hours_left:,.1f} h "
-            "left; projected = month to date + observed run rate × hours left)")]
+    out = [(f"BUDGETS {st.month}: {st.observed_hours:,.1f} h observed, {st.hours_left:,.1f} h left "
+            "(projected = month to date"),
+           "  + observed rate × hours left)"]
     if st.problem:
         return out + [f"  not compared: {st.problem}"]
-    out.append(f"{'TEAM':<20} {'BUDGET':>12} {'MONTH TO DATE':>14} {'PROJECTED':>12} {'OF BUDGET':>9} "
-               f"{'IDLE RSV':>10}  STATUS")
+    out.append(f"{'TEAM':<16} {'BUDGET':>9} {'TO DATE':>9} {'PROJECTED':>9} {'OF BGT':>6} {'IDLE RSV':>9}  STATUS")
     for x in st.lines:
-        out.append(f"{x.team[:20]:<20} {_money(x.budget):>12} {_money(x.month_to_date):>14} "
-                   f"{_money(x.projected):>12} {x.projected_ratio:>8.0%} {_money(x.idle_reserved):>10}  "
+        out.append(f"{x.team[:16]:<16} {_money(x.budget):>9} {_money(x.month_to_date):>9} "
+                   f"{_money(x.projected):>9} {x.projected_ratio:>6.0%} {_money(x.idle_reserved):>9}  "
                    f"{_LABEL[x.status]}")
-    if st.unbudgeted_dollars > 0.005:
-        out.append(f"{'(no budget)':<20} {'':>12} {_money(st.unbudgeted_dollars):>14}")
+    if st.unbudgeted_dollars > 0.5:
+        out.append(f"{'(no budget)':<16} {'':>9} {_money(st.unbudgeted_dollars):>9}")
     return out

@@ -220,9 +220,10 @@ def test_projection_is_month_to_date_plus_the_observed_rate_over_the_hours_left(
     text = "\n".join(budget_lines(report, (("research", 20000.0), ("serving", 5000.0))))
     assert "BUDGETS 2026-11" in text
     research = next(line for line in text.splitlines() if line.startswith("research"))
-    assert "$20,000.00" in research and "$8,000.00" in research and "$24,000.00" in research
+    assert "$20,000" in research and "$8,000" in research and "$24,000" in research
     assert "120%" in research and "PROJECTED OVER" in research
-    assert "(no budget)" in text and "$50.00" in text
+    assert "(no budget)" in text and "$50" in text
+    assert max(len(line) for line in text.splitlines()) <= 80
 
 
 def test_hours_not_observed_are_not_guessed() -> None:
