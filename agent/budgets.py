@@ -137,11 +137,11 @@ def budget_lines(report: Any, budgets: Mapping[str, float] | Iterable[tuple[str,
            "  + observed rate × hours left)"]
     if st.problem:
         return out + [f"  not compared: {st.problem}"]
-    out.append(f"{'TEAM':<16} {'BUDGET':>9} {'TO DATE':>9} {'PROJECTED':>9} {'OF BGT':>6} {'IDLE RSV':>9}  STATUS")
+    out.append(f"{'TEAM':<18} {'BUDGET':>9} {'TO DATE':>9} {'PROJECTED':>9} {'OF BGT':>6} {'IDLE RSV':>8}  STATUS")
     for x in st.lines:
-        out.append(f"{x.team[:16]:<16} {_money(x.budget):>9} {_money(x.month_to_date):>9} "
-                   f"{_money(x.projected):>9} {x.projected_ratio:>6.0%} {_money(x.idle_reserved):>9}  "
+        out.append(f"{x.team[:18]:<18} {_money(x.budget):>9} {_money(x.month_to_date):>9} "
+                   f"{_money(x.projected):>9} {x.projected_ratio:>6.0%} {_money(x.idle_reserved):>8}  "
                    f"{_LABEL[x.status]}")
     if st.unbudgeted_dollars > 0.5:
-        out.append(f"{'(no budget)':<16} {'':>9} {_money(st.unbudgeted_dollars):>9}")
+        out.append(f"{'(no budget)':<18} {'':>9} {_money(st.unbudgeted_dollars):>9}")
     return out

@@ -254,3 +254,15 @@ def test_month_windows() -> None:
     dec = NOV + 30 * DAY
     assert month_to_date_window(dec) == (NOV, dec)  # a --month 2026-11 report ends on Dec 1
     assert month_to_date_window(dec + 3600) == (dec, dec + 3600)
+
+
+def test_the_documented_cost_section_is_the_default() -> None:
+    """docs/configuration.md's `cost:` block is a valid config equal to the defaults it claims."""
+    import re
+
+    from agent.config import CostConfig
+
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    block = re.search(r"```yaml\n(cost:\n.*?)```", text, re.DOTALL)
+    assert block is not None
+    assert config_from_dict(yaml.safe_load(block.group(1)), "docs").cost == CostConfig()
