@@ -314,3 +314,29 @@ def test_focus_validator_accepts_a_simulated_ledger(demo_ledger: tuple[Any, floa
     path.write_text(buf.getvalue(), encoding="utf-8")
     result = run_validator(path, tmp_path)
     assert result["failures"] == 0 and result["errors"] == 0 and result["tests"] >= 100, result
+
+
+@pytest.mark.slow
+@needs_validator
+@pytest.mark.skipif(not os.environ.get("GPUCAP_SLOW"), reason="a simulated week takes ~75 s here: GPUCAP_SLOW=1")
+def test_gpucap_cost_focus_of_a_simulated_week_passes_the_validator(tmp_path: Path) -> None:
+    """The documented command, end to end: `gpucap cost --simulate demo --window 7d --format focus`."""
+    from click.testing import CliRunner
+
+    from agent.cli import main
+
+    path = tmp_path / "week.csv"
+    start = WEEK_START + 3 * 86400  # 2026-10-31: the week crosses into November
+    res = CliRunner().invoke(main, ["cost", "--simulate", "demo", "--window", "7d", "--format", "focus",
+                                    "--start", str(start), "--output", str(path)])
+    assert res.exit_code == 0, res.output
+    with path.open(encoding="utf-8", newline="") as f:
+        out = list(csv.DictReader(f))
+    per_hour: dict[str, float] = {}
+    for r in out:
+        per_hour[r["ChargePeriodStart"]] = per_hour.get(r["ChargePeriodStart"], 0.0) + float(r["BilledCost"])
+    assert len(per_hour) == 168
+    # the node's price every hour: no hour and no dollar missing (demo holds its pods all week)
+    assert max(per_hour.values()) - min(per_hour.values()) < 1e-6
+    result = run_validator(path, tmp_path)
+    assert result["failures"] == 0 and result["errors"] == 0 and result["tests"] >= 100, result
