@@ -6,7 +6,7 @@ PYTHON ?= python3
 PIP_FLAGS := $(shell $(PYTHON) -c "import os, sys, sysconfig; print('--break-system-packages' if sys.prefix == sys.base_prefix and os.path.exists(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')) else '')" 2>/dev/null)
 APT = $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: test deps lint bench golden playground
+.PHONY: test deps lint bench golden playground focus-validator
 
 test: deps
 	$(PYTHON) -m pytest -q
@@ -22,6 +22,18 @@ deps:
 	  $(if $(filter 0,$(shell id -u)),,sudo) systemctl disable --now prometheus >/dev/null 2>&1 || true; \
 	fi
 	$(PYTHON) -m pip install -q $(PIP_FLAGS) -e '.[test]'
+	@$(MAKE) --no-print-directory focus-validator
+
+# The FOCUS validator (pyproject extra `focus`) pins numpy<2 and multimethod<1.11: it lives apart in
+# build/focus-validator (tests/test_focus.py runs it from there), reinstalled only when the pins change.
+FOCUS_DIR := build/focus-validator
+focus-validator:
+	@pins="$$($(PYTHON) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['focus']))")"; \
+	if [ "$$(cat $(FOCUS_DIR)/.pins 2>/dev/null)" != "$$pins" ]; then \
+	  echo "installing the FOCUS validator into $(FOCUS_DIR): $$pins"; \
+	  rm -rf $(FOCUS_DIR) && $(PYTHON) -m pip install -q $(PIP_FLAGS) --target $(FOCUS_DIR) $$pins \
+	    && echo "$$pins" > $(FOCUS_DIR)/.pins; \
+	fi
 
 lint:
 	$(PYTHON) -m ruff check agent collectors tests bench scripts

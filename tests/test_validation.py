@@ -67,8 +67,8 @@ def test_the_value_is_shown_as_written_never_a_reason_in_its_place() -> None:
 
 
 @pytest.mark.parametrize(("data", "line"), [
-    ({"idel": {"threshold": 0.1}}, ("cfg.yaml: idel: unknown key (known here: collectors, history, idle, inference, "
-     "kubelet, kubernetes, listen, log, node_name, nvml, outcome, pricing, processes, recommend, saturation; "
+    ({"idel": {"threshold": 0.1}}, ("cfg.yaml: idel: unknown key (known here: collectors, cost, history, idle, "
+     "inference, kubelet, kubernetes, listen, log, node_name, nvml, outcome, pricing, processes, recommend, saturation; "
      "did you mean 'idle'?)")),
     ({"nvml": {"intervall": "5s"}}, ("cfg.yaml: nvml.intervall: unknown key (known here: interval, timeout; "
      "did you mean 'interval'?)")),
