@@ -288,8 +288,11 @@ def test_a_stalled_collector_thread_is_replaced_and_reported() -> None:
         assert agent.check_sources() == ["src"]
         st = agent.evaluate_now()
         status = next(c for c in st.collectors if c.name == "src")
-        assert not status.success and status.last_error_kind == "stalled"
-        assert collected(st)["gpucap_collector_success"][0][1] == 0.0
+        # the restarted thread may already have collected again (success 1): the stall stays counted
+        assert dict(status.errors).get("stalled", 0) >= 1
+        errors = {lb["kind"]: v for lb, v in collected(st)["gpucap_collector_errors_total"]}
+        assert errors.get("stalled", 0) >= 1
+        assert s._thread is not None and s._thread.is_alive() if hasattr(s, "_thread") else True
     finally:
         agent.stop()
 
