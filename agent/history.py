@@ -422,6 +422,8 @@ class HistoryWriter:
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=QUEUE_ITEMS)
         self._failed: list[tuple[str, Any]] = []  # kept for a retry while the disk refuses (bounded)
         self._last_error = ""
+        self._ret_ref: float | None = None  # wall time retention is measured from (see _housekeeping)
+        self._ret_mono = 0.0
         self._conn = open_store(path)
         self._thread = threading.Thread(target=self._run, name="gpucap-history", daemon=True)
         self._stop = threading.Event()
@@ -499,7 +501,17 @@ class HistoryWriter:
         newest = max((r[0] for kind, p in batch if kind == "minutes" for r in p[0]), default=None)
         if newest is None:
             return
-        cutoff = newest - self.retention
+        # Retention follows the data's time, but a forward jump of the wall clock (an RTC set to
+        # 2030) must not wipe the ledger: the reference advances no faster than real time.
+        mono = time.monotonic()
+        if self._ret_ref is None:
+            row = self._conn.execute("SELECT max(minute) FROM node_minutes WHERE minute < ?", (newest,)).fetchone()
+            self._ret_ref = float(row[0]) if row[0] is not None else float(newest)
+        else:
+            self._ret_ref = self._ret_ref + (mono - self._ret_mono)
+        self._ret_ref = min(float(newest), self._ret_ref + 3600.0)
+        self._ret_mono = mono
+        cutoff = self._ret_ref - self.retention
         with self._conn:
             for table in ("unit_minutes", "server_minutes", "node_minutes"):
                 self._conn.execute(f"DELETE FROM {table} WHERE minute < ?", (cutoff,))

@@ -384,6 +384,10 @@ class Agent:
     def close(self, deadline: float = 1.0) -> None:
         """Stop, then close each collector, each close bounded too (closing NVML may hang like any call)."""
         self.stop(deadline)
+        self.close_collectors(deadline)
+
+    def close_collectors(self, deadline: float = 1.0) -> None:
+        """Close each collector (after `stop`), within `deadline` seconds in total."""
         end = time.monotonic() + deadline
         for s in self.sources.values():
             left = end - time.monotonic()

@@ -35,8 +35,6 @@ def _agent(tmp: Path, name: str, port: int) -> subprocess.Popen:
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-@pytest.mark.skip(reason="fleet total exceeds the nodes' ledgers since the bounded-shutdown change: the "
-                  "ledger's last minutes may be lost at SIGTERM (issue 10/13 follow-up)")
 def test_fleet_cost_matches_the_nodes_ledgers(tmp_path: Path) -> None:
     ports = [_free_port(), _free_port()]
     prom_port = _free_port()

@@ -142,6 +142,23 @@ def test_retention_and_size_bound(tmp_path: Path) -> None:
     assert conn.execute("SELECT count(*) FROM unit_minutes").fetchone()[0] > 0, "the newest minutes are kept"
 
 
+def test_a_forward_wall_clock_jump_does_not_wipe_the_ledger(tmp_path: Path) -> None:
+    """An RTC set ten years ahead must not make every stored minute look older than the retention."""
+    path = str(tmp_path / "h.db")
+    rt = build_runtime(Config(), simulate="demo", realtime=False, start=START, history=path)
+    try:
+        rt.agent.run_until(rt.clock, START + 1800, 10)
+        rt.clock.step_wall(10 * 365 * 86400.0)
+        now = rt.clock.now()
+        rt.agent.run_until(rt.clock, now + 600, 10)
+        rt.history.writer.wait_idle()
+    finally:
+        rt.close()
+    h = History(path)
+    assert h.observed_seconds(START, START + 1800), "the half hour before the jump is still in the ledger"
+    h.close()
+
+
 def test_corrupt_file_at_start_is_moved_aside(tmp_path: Path, caplog) -> None:
     path = tmp_path / "h.db"
     path.write_bytes(b"this is not a database" * 100)
