@@ -131,7 +131,11 @@ def budget_lines(report: Any, budgets: Mapping[str, float] | Iterable[tuple[str,
                  now: float | None = None) -> list[str]:
     """The budget block of the `gpucap cost` table (80 columns): per budgeted team, budget, month to
     date, projected month and its share of the budget, idle reserved dollars so far, and a status."""
-    st = budget_status(report, budgets, now)
+    return render_budget(budget_status(report, budgets, now))
+
+
+def render_budget(st: BudgetStatus) -> list[str]:
+    """The budget block's lines for a computed status."""
     out = [(f"BUDGETS {st.month}: {st.observed_hours:,.1f} h observed, {st.hours_left:,.1f} h left "
             "(projected = month to date"),
            "  + observed rate × hours left)"]

@@ -4,6 +4,7 @@ or a fleet's Prometheus (`--prometheus`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -12,7 +13,7 @@ from typing import Any
 
 import click
 
-from agent.cost import MAX_WINDOW, month_window, parse_by, report_from_history, to_csv, to_json_text, to_table
+from agent.cost import MAX_WINDOW, month_window, parse_by, report_from_history, to_csv, to_table
 
 
 # agent.cli registers this command at its end: import its helpers when called, so `python -m agent.cli`
@@ -51,14 +52,9 @@ def fill_simulated_history(config: Any, scenario: str, seconds: float, path: str
     except InputError as e:
         _fail(str(e), 2)
     try:
-        step = max(config.nvml.interval, 60.0)
-        progress = _progress(seconds)
-        try:
-            from agent import simulate as fast  # the fast-forward engine, where present
+        from agent.simulate import fast_forward
 
-            fast.fast_forward(rt, seconds, step=step, on_progress=progress)
-        except ImportError:
-            rt.agent.run_until(rt.clock, rt.clock.start + seconds, step)
+        fast_forward(rt, seconds, on_progress=_progress(seconds))
     finally:
         rt.close()
 
@@ -139,7 +135,11 @@ def cost(history_path: str | None, simulate: str | None, prometheus_url: str | N
                 history_path = os.path.join(tmp, "history.db")
                 fill_simulated_history(config, simulate, seconds, history_path, start)
             report = _from_ledger(history_path, window, month_range, keys, bool(simulate), fmt, config)
-        text = report if isinstance(report, str) else _render(report, fmt, config)
+        budget = None
+        budgets = getattr(getattr(config, "cost", None), "budgets", None)
+        if budgets and not isinstance(report, str) and fmt in ("table", "json"):
+            budget = _budget(report, budgets, prometheus_url, history_path, simulate)
+        text = report if isinstance(report, str) else _render(report, fmt, config, budget)
     finally:
         if tmp is not None:
             import shutil
@@ -189,20 +189,49 @@ def _minute_now() -> float:
     return float(int(time.time() // 60) * 60)
 
 
-def _render(report: Any, fmt: str, config: Any) -> str:
+def _budget(report: Any, budgets: Any, prometheus_url: str | None, history_path: str | None,
+            simulate: str | None) -> Any:
+    """Budgets compare the month to date of the report's end, whatever window the report shows:
+    a 7-day table still says where each team stands this month (the ledger or the store is read
+    again for the month so far, by team; a simulated node's ledger holds only what was simulated)."""
+    from agent.budgets import budget_status, month_to_date_window
+
+    begin, end = month_to_date_window(report.end)
+    if (begin, report.by[:1]) != (report.start, ("team",)):
+        if prometheus_url:
+            from agent.fleet import FleetError, report_from_prometheus
+
+            try:
+                report = report_from_prometheus(prometheus_url, begin, end, ("team",))
+            except FleetError as e:
+                _fail(str(e), 1)
+        else:
+            from agent.history import History
+
+            history = History(history_path)  # type: ignore[arg-type]
+            try:
+                span = history.span()
+                if simulate and span is not None:
+                    begin = max(begin, span[0])
+                report = report_from_history(history, begin, end, ("team",))
+            finally:
+                history.close()
+    return budget_status(report, budgets)
+
+
+def _render(report: Any, fmt: str, config: Any, budget: Any = None) -> str:
     if fmt == "json":
-        return to_json_text(report) + "\n"
+        data = report.to_json()
+        if budget is not None:
+            data["budgets"] = budget.to_json()
+        return json.dumps(data, indent=2) + "\n"
     if fmt == "csv":
         return to_csv(report)
     if fmt == "focus":
         raise click.UsageError("--format focus needs a ledger (--history or --simulate), not --prometheus")
     text = to_table(report)
-    budgets = getattr(getattr(config, "cost", None), "budgets", None)
-    if budgets:
-        try:
-            from agent.budgets import budget_lines
+    if budget is not None:
+        from agent.budgets import render_budget
 
-            text += "\n" + "\n".join(budget_lines(report, budgets)) + "\n"
-        except ImportError:
-            pass
+        text += "\n" + "\n".join(render_budget(budget)) + "\n"
     return text

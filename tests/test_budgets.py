@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -266,3 +267,29 @@ def test_the_documented_cost_section_is_the_default() -> None:
     block = re.search(r"```yaml\n(cost:\n.*?)```", text, re.DOTALL)
     assert block is not None
     assert config_from_dict(yaml.safe_load(block.group(1)), "docs").cost == CostConfig()
+
+
+def test_gpucap_cost_compares_the_month_to_date_whatever_the_window(tmp_path: Path) -> None:
+    """A 3-day report from Nov 29 to Dec 2 still says where each team stands in December: the
+    budget block reads the ledger again for the month so far (one day), not the report's window."""
+    from click.testing import CliRunner
+
+    from agent.cli import main
+
+    cfg = tmp_path / "budgets.yaml"
+    cfg.write_text("cost:\n  budgets:\n    research: 3000\n    ml-platform: 20000\n")
+    dec = NOV + 30 * DAY
+    args = ["cost", "--simulate", "demo", "--window", "3d", "--start", str(dec - 2 * DAY), "--config", str(cfg)]
+    res = CliRunner().invoke(main, args + ["--format", "json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    budget = data["budgets"]
+    assert budget["month"] == "2026-12" and budget["problem"] is None
+    assert budget["observed_hours"] == pytest.approx(24.0, abs=0.1)
+    research = next(t for t in budget["teams"] if t["team"] == "research")
+    # the notebook team holds 2 idle GPUs: one December day of them, not three days of the window
+    assert research["month_to_date_dollars"] == pytest.approx(24 * 2 * 55.04 / 8, rel=0.01)
+    assert research["idle_reserved_dollars"] == pytest.approx(research["month_to_date_dollars"])
+    assert research["status"] == "projected_over"  # $330/day × 31 days > $3,000
+    table = CliRunner().invoke(main, args)
+    assert table.exit_code == 0 and "BUDGETS 2026-12" in table.output and "not compared" not in table.output
