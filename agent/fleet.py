@@ -133,11 +133,16 @@ def report_from_prometheus(url: str, start: float, end: float, by: Sequence[str]
     for m, v in client.query(f"sum by (node) (increase(gpucap_cost_dollars_total[{_dur(window)}]))", end):
         node_dollars += v
         observed.setdefault(m.get("node", ""), 0.0)
-    for m, v in client.query(f"max by (node) (max_over_time(gpucap_collector_last_success_timestamp_seconds"
-                             f"{{collector=\"nvml\"}}[{_dur(window)}]) - min_over_time("
-                             f"gpucap_collector_last_success_timestamp_seconds{{collector=\"nvml\"}}"
-                             f"[{_dur(window)}]))", end):
-        observed[m.get("node", "")] = v
+    # Observed hours: the node's dollars ÷ its price per hour (the units' prices add up to the node's,
+    # MIG remainder and shares included), averaged only where the node was scraped, so hours an agent
+    # was down are not counted as observed (the span of its scrapes would count them).
+    sub = _dur(max(1.0, math.ceil(window / 2000.0)))
+    price = {m.get("node", ""): v for m, v in client.query(
+        f"avg_over_time((sum by (node) (gpucap_gpu_hourly_price_dollars))[{_dur(window)}:{sub}])", end) if v > 0}
+    per_node = {m.get("node", ""): v for m, v in client.query(
+        f"sum by (node) (increase(gpucap_cost_dollars_total[{_dur(window)}]))", end)}
+    for node, rate in price.items():
+        observed[node] = per_node.get(node, 0.0) / rate * 3600.0
     out = []
     for key, (h, d) in sorted(rows.items()):
         row = dict(zip(by, key[:-1]))

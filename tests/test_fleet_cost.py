@@ -86,6 +86,8 @@ def test_fleet_cost_matches_the_nodes_ledgers(tmp_path: Path) -> None:
     for i in range(2):
         h = History(str(tmp_path / f"node-{i}.db"))
         first, last = seen[f"node-{i}"]
+        # observed hours are the node's own: what its scrapes cover (simulated time), not the window
+        assert fleet["nodes"][f"node-{i}"]["observed_hours"] == pytest.approx((last - first) / 3600, abs=0.1)
         # the ledger's minutes inside what Prometheus saw (minutes: up to a minute more at each end)
         span = (first // 60 * 60 + 60, last // 60 * 60)
         for team, d in totals_by(report_from_history(h, *span, ("team",)).rows, "team").items():
