@@ -115,25 +115,32 @@ def report_from_history(history: Any, start: float, end: float, by: Sequence[str
         g[0] += r.seconds * r.gpu_fraction / 3600.0
         g[1] += r.dollars
     if model_mode:
-        # move each model's share of its pod's dollars out of the pod's "" model row
-        pods: dict[tuple[str, str], Any] = {(r.namespace, r.pod): r for r in hour_rows if r.pod}
+        # Move each model's share of its pod's dollars out of the pod's "" model row. A pod on several
+        # units (a tensor-parallel server on 2 GPUs) has its model dollars spread over those units in
+        # proportion to what each unit booked for the pod in that state, so `--by unit,model` puts
+        # them where the money was and no unit's row goes negative.
+        parts: dict[tuple[str, str, str], dict[tuple[str, ...], list[float]]] = defaultdict(dict)
+        for r in hour_rows:
+            if r.pod and r.dollars > 0:
+                part = parts[(r.namespace, r.pod, r.state)].setdefault(
+                    _key(r, unit_by), [0.0, r.hourly_price / max(r.gpu_fraction, 1e-12)])
+                part[0] += r.dollars
         for m in history.server_minutes(start, end):
-            holder = pods.get((m["namespace"], m["pod"]))
-            if holder is None:
-                continue
-            base = _key(holder, unit_by)
             for state in STATES:
                 d = m.get(f"d_{state}") or 0.0
-                if d <= 0:
+                pod_parts = parts.get((m["namespace"], m["pod"], state))
+                if d <= 0 or not pod_parts:
                     continue
-                share = groups[base + ("",) + (state,)]
-                hourly = holder.hourly_price / max(holder.gpu_fraction, 1e-12)
-                hours = d / hourly if hourly > 0 else 0.0
-                share[1] -= d
-                share[0] -= hours
-                g = groups[base + (m["model"],) + (state,)]
-                g[1] += d
-                g[0] += hours
+                booked = sum(p[0] for p in pod_parts.values())
+                for base, (dollars, hourly) in pod_parts.items():
+                    dd = d * dollars / booked
+                    hours = dd / hourly if hourly > 0 else 0.0
+                    share = groups[base + ("",) + (state,)]
+                    share[1] -= dd
+                    share[0] -= hours
+                    g = groups[base + (m["model"],) + (state,)]
+                    g[1] += dd
+                    g[0] += hours
     keys = unit_by + (("model",) if model_mode else ())
     rows = []
     for key, (hours, dollars) in sorted(groups.items()):

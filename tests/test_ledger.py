@@ -263,6 +263,27 @@ def test_cost_command_reconciles_and_splits_by_model(tmp_path: Path) -> None:
     assert all(r["cost_dollars"] >= -1e-9 for r in doc["rows"])
 
 
+def test_by_unit_and_model_spreads_a_two_gpu_server_over_both_units(tmp_path: Path) -> None:
+    """A tensor-parallel vLLM on 2 GPUs: each unit's model row holds that unit's dollars, none negative."""
+    sc = builtin_scenario("demo")
+    sc["name"] = "tp2"
+    chat = next(p for p in sc["pods"] if p["name"].startswith("chat-llama-70b"))
+    chat["containers"][0]["gpus"] = 2
+    sc["pods"] = [p for p in sc["pods"] if not p["name"].startswith("finetune")]
+    name = write_scenario(tmp_path, "tp2", sc)
+    res = CliRunner().invoke(main, ["cost", "--simulate", name, "--window", "2h", "--by", "unit,model",
+                                    "--format", "json", "--start", str(START)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert all(r["cost_dollars"] >= -1e-9 and r["gpu_hours"] >= -1e-9 for r in doc["rows"])
+    model = "meta-llama/Llama-3.1-70B-Instruct"
+    units = {r["unit"]: r["cost_dollars"] for r in doc["rows"] if r["model"] == model}
+    assert len(units) == 2, "both GPUs of the server carry its model's dollars"
+    for dollars in units.values():
+        assert dollars == pytest.approx(H100 * doc["observed_hours"], rel=0.02)
+    assert sum(r["cost_dollars"] for r in doc["rows"]) == pytest.approx(doc["total_dollars"], abs=1e-4)
+
+
 def test_cost_table_reads_like_a_finops_report(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["cost", "--simulate", "demo", "--window", "1h", "--start", str(START)])
     assert res.exit_code == 0, res.output
