@@ -1,6 +1,7 @@
 # gpucap developer commands. `make test` is the one CI runs (.ci/run): on a fresh Debian/Ubuntu
 # machine it installs what the tests need (Debian's `prometheus` package for promtool and a real
-# Prometheus server, pip if missing, the Python test dependencies), then runs the whole suite.
+# Prometheus server, `victoria-metrics` for the fleet tests, `chromium` for the HTML report test, tmux,
+# pip if missing, the Python test dependencies), then runs the whole suite.
 PYTHON ?= python3
 # a system Python marked "externally managed" (PEP 668) refuses pip installs outside a venv
 PIP_FLAGS := $(shell $(PYTHON) -c "import os, sys, sysconfig; print('--break-system-packages' if sys.prefix == sys.base_prefix and os.path.exists(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')) else '')" 2>/dev/null)
@@ -16,10 +17,12 @@ deps:
 	command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || missing="prometheus"; \
 	$(PYTHON) -m pip --version >/dev/null 2>&1 || missing="$$missing python3-pip"; \
 	command -v tmux >/dev/null 2>&1 || missing="$$missing tmux"; \
+	command -v victoria-metrics >/dev/null 2>&1 || missing="$$missing victoria-metrics"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(APT) update -q && $(APT) install -y -q --no-install-recommends $$missing; \
-	  $(if $(filter 0,$(shell id -u)),,sudo) systemctl disable --now prometheus >/dev/null 2>&1 || true; \
+	  $(if $(filter 0,$(shell id -u)),,sudo) systemctl disable --now prometheus victoria-metrics >/dev/null 2>&1 || true; \
 	fi
 	$(PYTHON) -m pip install -q $(PIP_FLAGS) -e '.[test]'
 	@$(MAKE) --no-print-directory focus-validator
