@@ -18,18 +18,9 @@ from typing import Any
 import click
 
 from agent.cli_cost import _config, _duration, _fail, _progress, fill_simulated_history, setup_logging
-from agent.recommend import COLUMNS, Prices, Recommendation, Settings
+from agent.recommend import COLUMNS, Prices, Recommendation, Settings, settings_from_config
 
 MAX_WINDOW = 90 * 86400.0
-
-
-def settings_from_config(config: Any) -> Settings:
-    """The engine's thresholds: `recommend:` plus the agent's own idle threshold and MIG cost basis,
-    so a report agrees with the live states and prices."""
-    rc = config.recommend
-    return Settings(headroom=rc.headroom, target_utilization=rc.target_utilization, idle_share=rc.idle_share,
-                    saturated_share=rc.saturated_share, min_coverage=rc.min_coverage, min_samples=rc.min_samples,
-                    idle_threshold=config.idle.threshold, mig_cost_basis=config.pricing.mig_cost_basis)
 
 
 @click.command()
@@ -68,12 +59,7 @@ def recommend(history_path: str | None, simulate: str | None, prometheus_url: st
     tmp = None
     try:
         if prometheus_url:
-            from agent.fleet import FleetError
-
-            try:
-                from agent.fleet import recommend_from_prometheus  # type: ignore[attr-defined]
-            except ImportError:
-                _fail("--prometheus is not available for recommend yet: use --history on each node", 1)
+            from agent.fleet import FleetError, recommend_from_prometheus
 
             end = time.time()
             try:

@@ -213,6 +213,15 @@ class StateCollector:
                            + [extra.get(k, "") for k in extra_keys], 1)
         yield from (alloc, price, state, idle_s, activity, share_act, idle_cost, alloc_cost, unalloc_cost,
                     lost_cost, unknown_cost, cost, pod)
+        if st.rightsizing:  # only with a ledger, once the first recomputation is done (agent/rightsizing.py)
+            rs = _g("rightsizing_monthly_savings_dollars", "Monthly savings of the workload's right-sizing "
+                    "recommendation over the ledger's last window (negative: scale_up's extra cost; 0: keep)",
+                    ("node", "namespace", "workload_kind", "workload", "team", "action", "target"))
+            for owner, action, target, savings in st.rightsizing:
+                o = dict(owner)
+                rs.add_metric([node, o.get("namespace", ""), o.get("workload_kind", ""), o.get("workload", ""),
+                               o.get("team", ""), action, target], savings)
+            yield rs
 
     # --- time-sliced sharing --------------------------------------------------------------
     def _sharing(self, st: AgentState) -> Iterator[Metric]:

@@ -156,3 +156,144 @@ def states_total(report: CostReport) -> dict[str, float]:
     for r in report.rows:
         out[r["state"]] = out.get(r["state"], 0.0) + r["cost_dollars"]
     return out
+
+
+# ------------------------------------------------------------------------------ recommend --prometheus
+MINUTE = 60.0
+MAX_POINTS = 10_000  # per series and query: under Prometheus' 11,000 and VictoriaMetrics' 30,000
+
+# Per-minute statistics of a range query at a 60 s step: the value at t covers (t - 60 s, t], the
+# ledger's minute t - 60. Each is one query per node and chunk of the window.
+_UNIT_QUERIES = {
+    "price": "max_over_time(gpucap_allocated_cost_dollars_per_hour{$NODE}[60s])",
+    "act_p95": "quantile_over_time(0.95, gpucap_unit_activity_ratio{$NODE}[60s])",
+    "act_mean": "avg_over_time(gpucap_unit_activity_ratio{$NODE}[60s])",
+    "act_max": "max_over_time(gpucap_unit_activity_ratio{$NODE}[60s])",
+    "act_samples": "count_over_time(gpucap_unit_activity_ratio{$NODE}[60s])",
+}
+_GPU_QUERIES = {"mem_max": "max_over_time(gpucap_gpu_memory_used_bytes{$NODE}[60s])"}
+_SERVER_QUERIES = {
+    "queue_mean": "avg_over_time(gpucap_inference_queue_requests{$NODE}[60s])",
+    "queue_max": "max_over_time(gpucap_inference_queue_requests{$NODE}[60s])",
+    "saturated": "avg_over_time(gpucap_inference_saturated{$NODE}[60s])",
+    "samples": "count_over_time(gpucap_inference_saturated{$NODE}[60s])",
+}
+_HOLDER = ("uuid", "namespace", "pod", "container")
+
+
+def _chunks(start: float, end: float) -> list[tuple[float, float]]:
+    """[start, end] in pieces of at most MAX_POINTS steps, each aligned to the minute."""
+    out, t = [], aligned(start, MINUTE) + MINUTE
+    last = aligned(end, MINUTE)
+    while t <= last:
+        stop = min(last, t + (MAX_POINTS - 1) * MINUTE)
+        out.append((t, stop))
+        t = stop + MINUTE
+    return out
+
+
+def _minutes(client: PromClient, template: str, node: str, chunks: list[tuple[float, float]],
+             start: float, end: float) -> list[tuple[dict[str, str], int, float]]:
+    """(labels, minute, value) of a per-minute statistic, minutes inside [start, end)."""
+    expr = template.replace("$NODE", f'node="{node}"')
+    out = []
+    for a, b in chunks:
+        for metric, values in client.query_range(expr, a, b, MINUTE):
+            for t, v in values:
+                minute = int(t - MINUTE)
+                if start <= minute < end and not math.isnan(v):
+                    out.append((metric, minute, v))
+    return out
+
+
+def fleet_minutes(client: PromClient, start: float, end: float,
+                  on_progress: Callable[[float], None] | None = None) -> tuple[list[dict[str, Any]],
+                                                                               list[dict[str, Any]]]:
+    """The ledger's unit and server minute rows (the columns agent/recommend.py reads), rebuilt from
+    gpucap's own series in a PromQL store: one range query per statistic, node and chunk of at most
+    MAX_POINTS minutes, so a large fleet never asks the store for one huge answer.
+
+    What a store does not hold is taken as the node would: a unit's GPU fraction is its price over
+    the summed prices of the units on the same GPU; the list price is the price paid (a spot
+    discount is not visible in the series, so a target is priced like the node: the ratio is 1)."""
+    nodes = client.nodes(end, end - start)
+    chunks = _chunks(start, end)
+    units: list[dict[str, Any]] = []
+    servers: list[dict[str, Any]] = []
+    for i, node in enumerate(nodes):
+        info: dict[str, dict[str, str]] = {}
+        gpu_price: dict[str, float] = defaultdict(float)
+        mem_total: dict[str, float] = {}
+        for m, v in client.query(f'max by (uuid, gpu, gpu_instance, mig_profile, model, instance_type) '
+                                 f'(max_over_time(gpucap_gpu_hourly_price_dollars{{node="{node}"}}[{_dur(end - start)}]))',
+                                 end):
+            info[m.get("uuid", "")] = m
+            gpu_price[m.get("gpu", "")] += v
+        for m, v in client.query(f'max by (uuid) (max_over_time(gpucap_gpu_memory_total_bytes{{node="{node}"}}'
+                                 f'[{_dur(end - start)}]))', end):
+            mem_total[m.get("uuid", "")] = v
+        stats: dict[tuple[Any, ...], dict[str, Any]] = {}
+        for name, template in _UNIT_QUERIES.items():
+            for m, minute, v in _minutes(client, template, node, chunks, start, end):
+                key = (minute,) + tuple(m.get(k, "") for k in _HOLDER)
+                row = stats.get(key)
+                if row is None:
+                    row = stats[key] = {"minute": minute, "node": node, **{k: m.get(k, "") for k in _HOLDER},
+                                        "workload": m.get("workload", ""), "workload_kind": m.get("workload_kind", ""),
+                                        "team": m.get("team", ""), "mig_profile": m.get("mig_profile", ""),
+                                        "gpu_instance": m.get("gpu_instance", ""), "gpu": m.get("gpu", "")}
+                row[name] = v
+        mem: dict[tuple[str, int], float] = {}
+        for name, template in _GPU_QUERIES.items():
+            for m, minute, v in _minutes(client, template, node, chunks, start, end):
+                mem[(m.get("uuid", ""), minute)] = v
+        for row in stats.values():
+            if "price" not in row or not row["namespace"]:
+                continue  # no holder's price, or no holder (unallocated): nothing to right-size
+            uuid = row["uuid"]
+            meta = info.get(uuid, {})
+            price = row.pop("price")
+            parent = gpu_price.get(row["gpu"], 0.0)
+            n = int(row.pop("act_samples", 0) or 0)
+            mean = row.pop("act_mean", None)
+            row.update(
+                model=meta.get("model", ""), instance_type=meta.get("instance_type", ""),
+                kind="mig" if row["gpu_instance"] else ("share" if "::" in uuid else "gpu"),
+                hourly_price=price, list_hourly_price=price,
+                gpu_fraction=price / parent if parent > 0 else 1.0,
+                act_samples=n, act_sum=(mean or 0.0) * n if n else None,
+                act_p95=row.get("act_p95") if n else None, act_max=row.get("act_max") if n else None,
+                mem_max=int(mem[(uuid, row["minute"])]) if (uuid, row["minute"]) in mem else None,
+                mem_total=int(mem_total[uuid]) if uuid in mem_total else None)
+            units.append(row)
+        sstats: dict[tuple[Any, ...], dict[str, Any]] = {}
+        for name, template in _SERVER_QUERIES.items():
+            for m, minute, v in _minutes(client, template, node, chunks, start, end):
+                key = (minute, m.get("namespace", ""), m.get("pod", ""), m.get("server", ""), m.get("model", ""))
+                row = sstats.setdefault(key, {"minute": minute, "node": node, "namespace": key[1], "pod": key[2],
+                                              "server": key[3], "model": key[4],
+                                              "workload": m.get("workload", ""),
+                                              "workload_kind": m.get("workload_kind", ""),
+                                              "team": m.get("team", "")})
+                row[name] = v
+        for row in sstats.values():
+            n = int(row.pop("samples", 0) or 0)
+            row.update(samples=n, queue_sum=row.pop("queue_mean", 0.0) * n,
+                       saturated_seconds=row.pop("saturated", 0.0) * MINUTE)
+            servers.append(row)
+        if on_progress is not None:
+            on_progress((i + 1) / max(1, len(nodes)))
+    return units, servers
+
+
+def recommend_from_prometheus(url: str, start: float, end: float, settings: Any = None, prices: Any = None,
+                              pricing: Any = None, with_series: bool = False,
+                              on_progress: Callable[[float], None] | None = None) -> list[Any]:
+    """`gpucap recommend --prometheus`: the node's engine (agent/recommend.py) over the fleet's minutes;
+    a workload on several nodes is one row."""
+    from agent.recommend import Prices, Settings, recommend
+
+    client = PromClient(url)
+    units, servers = fleet_minutes(client, start, end, on_progress)
+    return recommend(units, servers, start, end, settings or Settings(),
+                     prices if prices is not None else Prices.from_pricing(pricing), with_series)

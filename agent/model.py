@@ -273,4 +273,6 @@ class AgentState:
     mono: float = 0.0
     accruals: tuple[Accrual, ...] = ()  # what this evaluation charged, for the ledger
     history_write_errors: int | None = None  # None: no ledger configured
+    # (owner labels, action, target, monthly savings) per workload, from the ledger (agent/rightsizing.py)
+    rightsizing: tuple[tuple[tuple[tuple[str, str], ...], str, str, float], ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False)

@@ -45,6 +45,7 @@ class Evaluator:
         self._replicas: dict[str, int] = {}
         self.skipped: Counter[tuple[str, str]] = Counter()
         self.history_errors: Callable[[], int] | None = None  # set when a ledger records the states
+        self.rightsizing: Callable[[], tuple] | None = None  # set when the live right-sizing runs
 
     def observe_step(self, step: float) -> None:
         """Fast-forward samples every `step` seconds: like an agent with that interval, whose max age
@@ -115,6 +116,7 @@ class Evaluator:
             costs=tuple(self.ledger.rows()), inference=inf_views, pods=pods, collectors=snap.statuses(),
             evaluation_success=True, skipped=self._skipped_rows(), mono=mono, accruals=tuple(accruals),
             history_write_errors=self.history_errors() if self.history_errors is not None else None,
+            rightsizing=self.rightsizing() if self.rightsizing is not None else (),
         )
 
     def _inference(self, views: tuple[UnitView, ...] | list[UnitView], inference, meta, mono: float) -> tuple:

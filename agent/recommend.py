@@ -426,6 +426,15 @@ def from_history(history: Any, start: float, end: float, settings: Settings = Se
                      prices, with_series)
 
 
+def settings_from_config(config: Any) -> Settings:
+    """The engine's thresholds: `recommend:` plus the agent's own idle threshold and MIG cost basis,
+    so a report agrees with the live states and prices."""
+    rc = config.recommend
+    return Settings(headroom=rc.headroom, target_utilization=rc.target_utilization, idle_share=rc.idle_share,
+                    saturated_share=rc.saturated_share, min_coverage=rc.min_coverage, min_samples=rc.min_samples,
+                    idle_threshold=config.idle.threshold, mig_cost_basis=config.pricing.mig_cost_basis)
+
+
 def live_savings(history: Any, now: float, window: float = 7 * 86400.0, settings: Settings = Settings(),
                  prices: Prices | None = None) -> list[tuple[dict[str, str], str, str, float]]:
     """For `gpucap_rightsizing_monthly_savings_dollars{action,target}`: (owner labels, action, target,

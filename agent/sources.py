@@ -202,6 +202,12 @@ def build_runtime(config: Config, *, simulate: str | None = None, speed: float =
             evaluator.ledger.restore(recorder.writer.restore_counters())
             evaluator.history_errors = lambda: recorder.write_errors
             hooks.insert(0, recorder)
+            if realtime:  # a daemon (not a headless fast-forward): the live right-sizing metric
+                from agent.rightsizing import LiveRightsizing
+
+                live = LiveRightsizing(history, config)
+                evaluator.rightsizing = lambda: live.latest
+                hooks.append(live)
 
     def on_each(state: Any) -> None:
         for hook in hooks:
