@@ -42,6 +42,25 @@ def setup_logging(fmt: str, level: str) -> None:
     setup(fmt, level)
 
 
+def check_sources(history_path: str | None, simulate: str | None, prometheus_url: str | None) -> None:
+    """Exactly one input; `--simulate` with `--history PATH` keeps the simulated ledger at PATH."""
+    sources = [x for x in (None if simulate else history_path, simulate, prometheus_url) if x]
+    if len(sources) != 1:
+        raise click.UsageError("give exactly one of --history PATH, --simulate SCENARIO or --prometheus URL")
+
+
+def simulated_ledger(history_path: str | None, prefix: str) -> tuple[str, str | None]:
+    """(ledger file to fill, temporary folder to remove or None): `--history PATH` with `--simulate`
+    keeps it at PATH, which must not exist yet (a simulated week is never mixed into a ledger)."""
+    if history_path:
+        if os.path.exists(history_path):
+            _fail(f"{history_path}: already exists; --simulate with --history writes a new ledger there "
+                  "(remove it, or read it with --history alone)", 2)
+        return history_path, None
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    return os.path.join(tmp, "history.db"), tmp
+
+
 def fill_simulated_history(config: Any, scenario: str, seconds: float, path: str, start: float | None = None) -> None:
     """Run the whole agent on the simulated node for `seconds` of simulated time, recording the ledger."""
     from agent.sources import build_runtime
@@ -79,7 +98,9 @@ def _progress(total: float) -> Any:
 
 @click.command()
 @click.option("--history", "history_path", envvar="GPUCAP_HISTORY", show_envvar=True,
-              type=click.Path(dir_okay=False), help="The node's ledger (history.db).")
+              type=click.Path(dir_okay=False),
+              help="The node's ledger (history.db). With --simulate: where to keep the simulated ledger, "
+              "for more reports on the same run (a new file).")
 @click.option("--simulate", envvar="GPUCAP_SIMULATE", show_envvar=True, default=None, metavar="SCENARIO",
               help="Fast-forward a simulated node over the window (headless) and report on it.")
 @click.option("--prometheus", "prometheus_url", envvar="GPUCAP_PROMETHEUS", show_envvar=True, default=None,
@@ -101,9 +122,7 @@ def cost(history_path: str | None, simulate: str | None, prometheus_url: str | N
          month: str | None, by: str, fmt: str, output: str | None, config_path: str | None,
          start: float | None) -> None:
     """GPU spend split into active, idle reserved, lost, unknown and unallocated; reconciles to the cent."""
-    sources = [x for x in (history_path, simulate, prometheus_url) if x]
-    if len(sources) != 1:
-        raise click.UsageError("give exactly one of --history PATH, --simulate SCENARIO or --prometheus URL")
+    check_sources(history_path, simulate, prometheus_url)
     if window is not None and month is not None:
         raise click.UsageError("give --window or --month, not both")
     try:
@@ -131,8 +150,7 @@ def cost(history_path: str | None, simulate: str | None, prometheus_url: str | N
         else:
             if simulate:
                 seconds = window or 7 * 86400.0
-                tmp = tempfile.mkdtemp(prefix="gpucap-cost-")
-                history_path = os.path.join(tmp, "history.db")
+                history_path, tmp = simulated_ledger(history_path, "gpucap-cost-")
                 fill_simulated_history(config, simulate, seconds, history_path, start)
             report = _from_ledger(history_path, window, month_range, keys, bool(simulate), fmt, config)
         budget = None

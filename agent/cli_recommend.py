@@ -8,16 +8,23 @@ import csv
 import datetime as dt
 import io
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import click
 
-from agent.cli_cost import _config, _duration, _fail, _progress, fill_simulated_history, setup_logging
+from agent.cli_cost import (
+    _config,
+    _duration,
+    _fail,
+    _progress,
+    check_sources,
+    fill_simulated_history,
+    setup_logging,
+    simulated_ledger,
+)
 from agent.recommend import COLUMNS, Prices, Recommendation, Settings, settings_from_config
 
 MAX_WINDOW = 90 * 86400.0
@@ -25,7 +32,9 @@ MAX_WINDOW = 90 * 86400.0
 
 @click.command()
 @click.option("--history", "history_path", envvar="GPUCAP_HISTORY", show_envvar=True,
-              type=click.Path(dir_okay=False), help="The node's ledger (history.db).")
+              type=click.Path(dir_okay=False),
+              help="The node's ledger (history.db). With --simulate: where to keep the simulated ledger, "
+              "for more reports on the same run (a new file).")
 @click.option("--simulate", envvar="GPUCAP_SIMULATE", show_envvar=True, default=None, metavar="SCENARIO",
               help="Fast-forward a simulated node over the window (headless) and recommend on it.")
 @click.option("--prometheus", "prometheus_url", envvar="GPUCAP_PROMETHEUS", show_envvar=True, default=None,
@@ -44,9 +53,7 @@ def recommend(history_path: str | None, simulate: str | None, prometheus_url: st
               fmt: str, output: str | None, config_path: str | None, start: float | None) -> None:
     """Per workload: release, downsize to a MIG slice or a cheaper GPU, consolidate, scale up or keep,
     with the target, the monthly savings and the confidence."""
-    sources = [x for x in (history_path, simulate, prometheus_url) if x]
-    if len(sources) != 1:
-        raise click.UsageError("give exactly one of --history PATH, --simulate SCENARIO or --prometheus URL")
+    check_sources(history_path, simulate, prometheus_url)
     if window > MAX_WINDOW:
         raise click.BadParameter(f"expected at most 90d, got {window / 86400:g}d", param_hint="--window")
     if window < 3600:
@@ -70,8 +77,7 @@ def recommend(history_path: str | None, simulate: str | None, prometheus_url: st
             source = f"prometheus {prometheus_url}"
         else:
             if simulate:
-                tmp = tempfile.mkdtemp(prefix="gpucap-recommend-")
-                history_path = os.path.join(tmp, "history.db")
+                history_path, tmp = simulated_ledger(history_path, "gpucap-recommend-")
                 fill_simulated_history(config, simulate, window, history_path, start)
                 source = f"simulated {simulate}"
             else:

@@ -303,3 +303,19 @@ def test_cost_bad_input_is_a_clear_error(tmp_path: Path) -> None:
     assert r.exit_code == 2
     assert "Traceback" not in r.output
     assert os.path.exists(str(tmp_path)) and not list(tmp_path.iterdir())
+
+
+def test_simulate_with_history_keeps_the_simulated_ledger_for_more_reports(tmp_path: Path) -> None:
+    path = tmp_path / "week.db"
+    args = ["--window", "2h", "--format", "json"]
+    # simulated from now on (no --start): a later `--history` report's window ends at the ledger's end
+    first = CliRunner().invoke(main, ["cost", "--simulate", "demo", "--history", str(path)] + args)
+    assert first.exit_code == 0, first.output
+    again = CliRunner().invoke(main, ["cost", "--history", str(path)] + args)
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.output)["total_dollars"] == pytest.approx(json.loads(first.output)["total_dollars"])
+    recs = CliRunner().invoke(main, ["recommend", "--history", str(path), "--window", "2h", "--format", "csv"])
+    assert recs.exit_code == 0 and ",release," in recs.output
+    # a second simulation never goes into an existing ledger
+    clash = CliRunner().invoke(main, ["cost", "--simulate", "demo", "--history", str(path)] + args)
+    assert clash.exit_code == 2 and "already exists" in clash.output
