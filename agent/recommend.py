@@ -114,6 +114,7 @@ class _Minute:
     need: float = 0.0  # Σ p95 activity × compute fraction (GPU-equivalents)
     used: float = 0.0  # Σ mean activity × compute fraction
     sampled: bool = False
+    observed: bool = False  # activity known this minute: sampled, or booked active/idle between samples
     mem: int = 0
 
 
@@ -186,6 +187,8 @@ def aggregate(unit_rows: Iterable[Mapping[str, Any]], server_rows: Iterable[Mapp
         if r.get("mem_max") is not None:
             w.mem_peak = max(w.mem_peak or 0, int(r["mem_max"]))
             m.mem = max(m.mem, int(r["mem_max"]))  # per unit: what one unit must hold
+        if float(r.get("s_active") or 0.0) + float(r.get("s_idle_reserved") or 0.0) > 0:
+            m.observed = True  # a state from activity: the agent watched it (a coarse step samples less often)
         n = int(r.get("act_samples") or 0)
         if n <= 0 or r.get("act_p95") is None:
             continue  # a minute with no activity sample is not evidence of anything
@@ -198,7 +201,7 @@ def aggregate(unit_rows: Iterable[Mapping[str, Any]], server_rows: Iterable[Mapp
         w.unit_p95.append(p95)
         w.unit_mean.append(mean)
         w.unit_need.append(p95 * frac)
-        m.sampled = True
+        m.sampled = m.observed = True
         m.need += p95 * frac
         m.used += mean * frac
     for r in server_rows:
@@ -261,7 +264,7 @@ def decide(w: _Workload, start: float, end: float, s: Settings, prices: Prices,
            with_series: bool = False) -> Recommendation:
     from collectors.pricing import canonical_model
 
-    covered = [m for m in w.minutes.values() if m.sampled]
+    covered = [m for m in w.minutes.values() if m.observed]
     window_minutes = max(1.0, (end - start) / 60.0)
     coverage = min(1.0, len(covered) / window_minutes)
     held = list(w.minutes.values())
