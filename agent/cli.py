@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -66,6 +67,9 @@ def _config(path: str | None) -> Config:
 def _duration(ctx: Any, param: Any, value: Any) -> float | None:
     if value is None:
         return None
+    if isinstance(value, str) and re.fullmatch(r"\s*[0-9]+(\.[0-9]*)?\s*", value):
+        n = value.strip()
+        raise click.BadParameter(f"{value!r} has no unit: write {n}s, {n}m, {n}h or {n}d")
     d = parse_duration(value)
     if d is None or d < 0:
         raise click.BadParameter(f"expected a duration like 30s, 45m, 2h or 7d, got {value!r}")

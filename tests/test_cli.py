@@ -215,6 +215,9 @@ def test_unknown_builtin_scenario_exits_2_listing_the_built_ins() -> None:
 def test_at_needs_simulate_and_a_duration() -> None:
     refused(gpucap("snapshot", "--at", "45m"), "--simulate")
     refused(gpucap("snapshot", "--simulate", "demo", "--at", "soon"), "duration")
+    # a bare number is not silently seconds: the hint names the units
+    refused(gpucap("snapshot", "--simulate", "demo", "--at", "45"), "'45' has no unit", "45m")
+    refused(gpucap("cost", "--simulate", "demo", "--window", "7"), "'7' has no unit", "7d")
 
 
 # --- the installed entry point, on this machine's real NVML -------------------------------------
