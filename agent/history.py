@@ -424,6 +424,7 @@ class HistoryWriter:
         self._last_error = ""
         self._ret_ref: float | None = None  # wall time retention is measured from (see _housekeeping)
         self._ret_mono = 0.0
+        self._ret_last = 0.0  # the newest minute housekeeping has seen
         self._conn = open_store(path)
         self._thread = threading.Thread(target=self._run, name="gpucap-history", daemon=True)
         self._stop = threading.Event()
@@ -502,14 +503,20 @@ class HistoryWriter:
         if newest is None:
             return
         # Retention follows the data's time, but a forward jump of the wall clock (an RTC set to
-        # 2030) must not wipe the ledger: the reference advances no faster than real time.
+        # 2030) must not wipe the ledger: the reference advances by the minutes actually recorded
+        # since the last batch (or by real time, whichever is more), never by the jump itself.
+        # After a restart it starts from the ledger's newest minute plus an hour of slack, so a
+        # downtime longer than that delays retention by the downtime (data is kept, not lost).
         mono = time.monotonic()
+        minutes = {r[0] for kind, p in batch if kind == "minutes" for r in p[0]}
         if self._ret_ref is None:
             row = self._conn.execute("SELECT max(minute) FROM node_minutes WHERE minute < ?", (newest,)).fetchone()
-            self._ret_ref = float(row[0]) if row[0] is not None else float(newest)
+            self._ret_ref = min(float(newest), float(row[0]) + 3600.0) if row[0] is not None else float(newest)
+            self._ret_last = float(newest)
         else:
-            self._ret_ref = self._ret_ref + (mono - self._ret_mono)
-        self._ret_ref = min(float(newest), self._ret_ref + 3600.0)
+            recorded = 60.0 * sum(1 for m in minutes if m > self._ret_last)
+            self._ret_ref = min(float(newest), self._ret_ref + max(recorded, mono - self._ret_mono))
+            self._ret_last = max(self._ret_last, float(newest))
         self._ret_mono = mono
         cutoff = self._ret_ref - self.retention
         with self._conn:

@@ -145,12 +145,13 @@ def test_retention_and_size_bound(tmp_path: Path) -> None:
 def test_a_forward_wall_clock_jump_does_not_wipe_the_ledger(tmp_path: Path) -> None:
     """An RTC set ten years ahead must not make every stored minute look older than the retention."""
     path = str(tmp_path / "h.db")
-    rt = build_runtime(Config(), simulate="demo", realtime=False, start=START, history=path)
+    one_day = Config(history=HistoryConfig(retention=86400.0))
+    rt = build_runtime(one_day, simulate="demo", realtime=False, start=START, history=path)
     try:
         rt.agent.run_until(rt.clock, START + 1800, 10)
         rt.clock.step_wall(10 * 365 * 86400.0)
         now = rt.clock.now()
-        rt.agent.run_until(rt.clock, now + 600, 10)
+        rt.agent.run_until(rt.clock, now + 3 * 3600, 60)  # hours of writes after the jump, not one batch
         rt.history.writer.wait_idle()
     finally:
         rt.close()
