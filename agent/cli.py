@@ -150,7 +150,13 @@ def run(config_path: str | None, listen: str | None, interval: float | None, sim
     setup_logging(log_format or config.log_format, log_level or config.log_level)
     from agent.sources import DEFAULT_LEDGER
 
-    rt = _build(config, simulate, speed=speed, realtime=True, history=history_path or DEFAULT_LEDGER)
+    from agent.exposition import prepare
+    from agent.threads import name_native_threads
+
+    name_native_threads()  # top -H / ps -L tell the agent's threads apart
+    # each new state is encoded once on the evaluation thread, so scrapes are served from bytes
+    rt = _build(config, simulate, speed=speed, realtime=True, history=history_path or DEFAULT_LEDGER,
+                on_state=prepare)
     host, port = parse_listen(config.listen)  # type: ignore[misc]
     stop = threading.Event()
     received: list[int] = []
