@@ -14,7 +14,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from agent.cost import CostReport
@@ -165,13 +165,15 @@ MAX_POINTS = 10_000  # per series and query: under Prometheus' 11,000 and Victor
 # Per-minute statistics of a range query at a 60 s step: the value at t covers (t - 60 s, t], the
 # ledger's minute t - 60. Each is one query per node and chunk of the window.
 _UNIT_QUERIES = {
-    "price": "max_over_time(gpucap_allocated_cost_dollars_per_hour{$NODE}[60s])",
+    "held": "max_over_time(gpucap_allocated_cost_dollars_per_hour{$NODE}[60s])",  # present: a holder
     "act_p95": "quantile_over_time(0.95, gpucap_unit_activity_ratio{$NODE}[60s])",
     "act_mean": "avg_over_time(gpucap_unit_activity_ratio{$NODE}[60s])",
     "act_max": "max_over_time(gpucap_unit_activity_ratio{$NODE}[60s])",
     "act_samples": "count_over_time(gpucap_unit_activity_ratio{$NODE}[60s])",
 }
-_GPU_QUERIES = {"mem_max": "max_over_time(gpucap_gpu_memory_used_bytes{$NODE}[60s])"}
+_PRICE_QUERY = "max_over_time(gpucap_gpu_hourly_price_dollars{$NODE}[60s])"
+_DEVICE_MEMORY = "max_over_time(gpucap_gpu_memory_used_bytes{$NODE}[60s])"
+_CONTAINER_MEMORY = "max_over_time(gpucap_container_gpu_memory_used_bytes{$NODE}[60s])"  # time-sliced GPUs
 _SERVER_QUERIES = {
     "queue_mean": "avg_over_time(gpucap_inference_queue_requests{$NODE}[60s])",
     "queue_max": "max_over_time(gpucap_inference_queue_requests{$NODE}[60s])",
@@ -206,84 +208,113 @@ def _minutes(client: PromClient, template: str, node: str, chunks: list[tuple[fl
     return out
 
 
+def node_minutes(client: PromClient, node: str, start: float, end: float) -> tuple[list[dict[str, Any]],
+                                                                                list[dict[str, Any]]]:
+    """One node's unit and server minute rows (the columns agent/recommend.py reads), rebuilt from
+    gpucap's own series: one range query per statistic and chunk of at most MAX_POINTS minutes.
+
+    Prices are per minute, as the ledger books them: a unit's price from its own price series (also
+    while its state is unknown), its GPU fraction its price over the summed prices of the units on
+    the same GPU in that minute (MIG instances and the remainder, time-sliced shares), so a MIG
+    layout or a replica count that changes inside the window is priced as it was. A time-sliced
+    share's memory is its pod's memory on the device over the pod's shares there, as the agent's.
+    The list price is the price paid: a spot discount is not in the series (ratio 1)."""
+    chunks = _chunks(start, end)
+    info: dict[str, dict[str, str]] = {}
+    price: dict[tuple[str, int], float] = {}
+    parent: dict[tuple[str, int], float] = defaultdict(float)
+    for m, minute, v in _minutes(client, _PRICE_QUERY, node, chunks, start, end):
+        uuid = m.get("uuid", "")
+        info.setdefault(uuid, m)
+        price[(uuid, minute)] = v
+        parent[(m.get("gpu", ""), minute)] += v
+    mem_total = {m.get("uuid", ""): v for m, v in client.query(
+        f'max by (uuid) (max_over_time(gpucap_gpu_memory_total_bytes{{node="{node}"}}[{_dur(end - start)}]))', end)}
+    device_mem = {(m.get("uuid", ""), minute): v
+                  for m, minute, v in _minutes(client, _DEVICE_MEMORY, node, chunks, start, end)}
+    pod_mem: dict[tuple[str, str, str, int], float] = {}
+    for m, minute, v in _minutes(client, _CONTAINER_MEMORY, node, chunks, start, end):
+        key = (m.get("uuid", ""), m.get("namespace", ""), m.get("pod", ""), minute)
+        pod_mem[key] = max(pod_mem.get(key, 0.0), v)
+    stats: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for name, template in _UNIT_QUERIES.items():
+        for m, minute, v in _minutes(client, template, node, chunks, start, end):
+            key = (minute,) + tuple(m.get(k, "") for k in _HOLDER)
+            row = stats.get(key)
+            if row is None:
+                row = stats[key] = {"minute": minute, "node": node, **{k: m.get(k, "") for k in _HOLDER},
+                                    "workload": m.get("workload", ""), "workload_kind": m.get("workload_kind", ""),
+                                    "team": m.get("team", ""), "mig_profile": m.get("mig_profile", ""),
+                                    "gpu_instance": m.get("gpu_instance", ""), "gpu": m.get("gpu", "")}
+            row[name] = v
+    shares_held: dict[tuple[str, str, str, int], int] = defaultdict(int)  # a pod's shares of one GPU
+    for row in stats.values():
+        if "::" in row["uuid"] and "held" in row:
+            shares_held[(row["uuid"].split("::")[0], row["namespace"], row["pod"], row["minute"])] += 1
+    units = []
+    for row in stats.values():
+        if "held" not in row or not row["namespace"]:
+            continue  # no holder (unallocated): nothing to right-size
+        del row["held"]
+        uuid, minute = row["uuid"], row["minute"]
+        device = uuid.split("::")[0]
+        meta = info.get(uuid, {})
+        p = price.get((uuid, minute), 0.0)
+        whole = parent.get((row["gpu"], minute), 0.0)
+        n = int(row.pop("act_samples", 0) or 0)
+        mean = row.pop("act_mean", None)
+        if "::" in uuid:
+            key = (device, row["namespace"], row["pod"], minute)
+            used = pod_mem.get(key)
+            mem = used // max(1, shares_held.get(key, 1)) if used is not None else None
+        else:
+            mem = device_mem.get((uuid, minute))
+        total = mem_total.get(uuid, mem_total.get(device))
+        row.update(
+            model=meta.get("model", ""), instance_type=meta.get("instance_type", ""),
+            kind="mig" if row["gpu_instance"] else ("share" if "::" in uuid else "gpu"),
+            hourly_price=p, list_hourly_price=p, gpu_fraction=p / whole if whole > 0 and p > 0 else 1.0,
+            act_samples=n, act_sum=(mean or 0.0) * n if n else None,
+            act_p95=row.get("act_p95") if n else None, act_max=row.get("act_max") if n else None,
+            mem_max=int(mem) if mem is not None else None, mem_total=int(total) if total is not None else None)
+        units.append(row)
+    sstats: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for name, template in _SERVER_QUERIES.items():
+        for m, minute, v in _minutes(client, template, node, chunks, start, end):
+            key = (minute, m.get("namespace", ""), m.get("pod", ""), m.get("server", ""), m.get("model", ""))
+            row = sstats.setdefault(key, {"minute": minute, "node": node, "namespace": key[1], "pod": key[2],
+                                          "server": key[3], "model": key[4], "workload": m.get("workload", ""),
+                                          "workload_kind": m.get("workload_kind", ""), "team": m.get("team", "")})
+            row[name] = v
+    servers = []
+    for row in sstats.values():
+        n = int(row.pop("samples", 0) or 0)
+        row.update(samples=n, queue_sum=row.pop("queue_mean", 0.0) * n,
+                   saturated_seconds=row.pop("saturated", 0.0) * MINUTE)
+        servers.append(row)
+    return units, servers
+
+
 def fleet_minutes(client: PromClient, start: float, end: float,
                   on_progress: Callable[[float], None] | None = None) -> tuple[list[dict[str, Any]],
                                                                                list[dict[str, Any]]]:
-    """The ledger's unit and server minute rows (the columns agent/recommend.py reads), rebuilt from
-    gpucap's own series in a PromQL store: one range query per statistic, node and chunk of at most
-    MAX_POINTS minutes, so a large fleet never asks the store for one huge answer.
-
-    What a store does not hold is taken as the node would: a unit's GPU fraction is its price over
-    the summed prices of the units on the same GPU; the list price is the price paid (a spot
-    discount is not visible in the series, so a target is priced like the node: the ratio is 1)."""
-    nodes = client.nodes(end, end - start)
-    chunks = _chunks(start, end)
+    """Every node's minutes (tests and small fleets; `recommend_from_prometheus` streams them)."""
     units: list[dict[str, Any]] = []
     servers: list[dict[str, Any]] = []
+    for u, srv in _per_node(client, start, end, on_progress):
+        units += u
+        servers += srv
+    return units, servers
+
+
+def _per_node(client: PromClient, start: float, end: float,
+              on_progress: Callable[[float], None] | None) -> Iterator[tuple[list[dict[str, Any]],
+                                                                            list[dict[str, Any]]]]:
+    nodes = client.nodes(end, end - start)
     for i, node in enumerate(nodes):
-        info: dict[str, dict[str, str]] = {}
-        gpu_price: dict[str, float] = defaultdict(float)
-        mem_total: dict[str, float] = {}
-        for m, v in client.query(f'max by (uuid, gpu, gpu_instance, mig_profile, model, instance_type) '
-                                 f'(max_over_time(gpucap_gpu_hourly_price_dollars{{node="{node}"}}[{_dur(end - start)}]))',
-                                 end):
-            info[m.get("uuid", "")] = m
-            gpu_price[m.get("gpu", "")] += v
-        for m, v in client.query(f'max by (uuid) (max_over_time(gpucap_gpu_memory_total_bytes{{node="{node}"}}'
-                                 f'[{_dur(end - start)}]))', end):
-            mem_total[m.get("uuid", "")] = v
-        stats: dict[tuple[Any, ...], dict[str, Any]] = {}
-        for name, template in _UNIT_QUERIES.items():
-            for m, minute, v in _minutes(client, template, node, chunks, start, end):
-                key = (minute,) + tuple(m.get(k, "") for k in _HOLDER)
-                row = stats.get(key)
-                if row is None:
-                    row = stats[key] = {"minute": minute, "node": node, **{k: m.get(k, "") for k in _HOLDER},
-                                        "workload": m.get("workload", ""), "workload_kind": m.get("workload_kind", ""),
-                                        "team": m.get("team", ""), "mig_profile": m.get("mig_profile", ""),
-                                        "gpu_instance": m.get("gpu_instance", ""), "gpu": m.get("gpu", "")}
-                row[name] = v
-        mem: dict[tuple[str, int], float] = {}
-        for name, template in _GPU_QUERIES.items():
-            for m, minute, v in _minutes(client, template, node, chunks, start, end):
-                mem[(m.get("uuid", ""), minute)] = v
-        for row in stats.values():
-            if "price" not in row or not row["namespace"]:
-                continue  # no holder's price, or no holder (unallocated): nothing to right-size
-            uuid = row["uuid"]
-            meta = info.get(uuid, {})
-            price = row.pop("price")
-            parent = gpu_price.get(row["gpu"], 0.0)
-            n = int(row.pop("act_samples", 0) or 0)
-            mean = row.pop("act_mean", None)
-            row.update(
-                model=meta.get("model", ""), instance_type=meta.get("instance_type", ""),
-                kind="mig" if row["gpu_instance"] else ("share" if "::" in uuid else "gpu"),
-                hourly_price=price, list_hourly_price=price,
-                gpu_fraction=price / parent if parent > 0 else 1.0,
-                act_samples=n, act_sum=(mean or 0.0) * n if n else None,
-                act_p95=row.get("act_p95") if n else None, act_max=row.get("act_max") if n else None,
-                mem_max=int(mem[(uuid, row["minute"])]) if (uuid, row["minute"]) in mem else None,
-                mem_total=int(mem_total[uuid]) if uuid in mem_total else None)
-            units.append(row)
-        sstats: dict[tuple[Any, ...], dict[str, Any]] = {}
-        for name, template in _SERVER_QUERIES.items():
-            for m, minute, v in _minutes(client, template, node, chunks, start, end):
-                key = (minute, m.get("namespace", ""), m.get("pod", ""), m.get("server", ""), m.get("model", ""))
-                row = sstats.setdefault(key, {"minute": minute, "node": node, "namespace": key[1], "pod": key[2],
-                                              "server": key[3], "model": key[4],
-                                              "workload": m.get("workload", ""),
-                                              "workload_kind": m.get("workload_kind", ""),
-                                              "team": m.get("team", "")})
-                row[name] = v
-        for row in sstats.values():
-            n = int(row.pop("samples", 0) or 0)
-            row.update(samples=n, queue_sum=row.pop("queue_mean", 0.0) * n,
-                       saturated_seconds=row.pop("saturated", 0.0) * MINUTE)
-            servers.append(row)
+        yield node_minutes(client, node, start, end)
         if on_progress is not None:
             on_progress((i + 1) / max(1, len(nodes)))
-    return units, servers
 
 
 def recommend_from_prometheus(url: str, start: float, end: float, settings: Any = None, prices: Any = None,
@@ -294,6 +325,14 @@ def recommend_from_prometheus(url: str, start: float, end: float, settings: Any 
     from agent.recommend import Prices, Settings, recommend
 
     client = PromClient(url)
-    units, servers = fleet_minutes(client, start, end, on_progress)
-    return recommend(units, servers, start, end, settings or Settings(),
+    servers: list[dict[str, Any]] = []
+
+    def units() -> Iterator[dict[str, Any]]:
+        # one node's rows in memory at a time: the engine folds them into workloads as they come
+        # (server rows are few; the engine reads them after every unit row)
+        for u, srv in _per_node(client, start, end, on_progress):
+            servers.extend(srv)
+            yield from u
+
+    return recommend(units(), servers, start, end, settings or Settings(),
                      prices if prices is not None else Prices.from_pricing(pricing), with_series)

@@ -2,7 +2,8 @@
 real Prometheus and a real VictoriaMetrics (Debian packages, started here on loopback) as from the
 nodes' ledgers.
 
-Two simulated nodes (`demo` and `timeslice`) run 6 simulated hours headless, each with its ledger;
+Two simulated nodes (`demo` and `timeslice`, each with half an hour of NVML outage) run 6 simulated
+hours headless, each with its ledger;
 at every evaluation the agent's real /metrics text (agent/exposition.py) is recorded with the
 simulated time as the sample's timestamp, then loaded into each store the way each documents for
 history: `promtool tsdb create-blocks-from openmetrics` for Prometheus, `/api/v1/import/prometheus`
@@ -32,12 +33,13 @@ from agent.history import History
 from agent.recommend import COLUMNS, Prices, Settings, recommend
 from agent.simulate import fast_forward
 from agent.sources import build_runtime
+from tests.helpers import builtin_scenario, write_scenario
 from tests.test_prometheus import _free_port, _get, _wait
 
 HOURS = 6
 FAMILIES = ("gpucap_allocated_cost_dollars_per_hour", "gpucap_unit_activity_ratio", "gpucap_gpu_memory_used_bytes",
             "gpucap_gpu_memory_total_bytes", "gpucap_gpu_hourly_price_dollars", "gpucap_inference_queue_requests",
-            "gpucap_inference_saturated")
+            "gpucap_inference_saturated", "gpucap_container_gpu_memory_used_bytes")
 NODES = {"node-demo": "demo", "node-ts": "timeslice"}
 
 
@@ -72,7 +74,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
     # the simulated hours end 10 minutes ago: a store accepts them as recent history
     f = Fleet(tmp_path_factory.mktemp("fleet"), (time.time() - HOURS * 3600 - 600) // 60 * 60)
     for node, scenario in NODES.items():
-        _record(f, node, scenario)
+        sc = builtin_scenario(scenario)
+        # half an hour of NVML outage: the units are unknown but still held and priced (the store's
+        # allocated-cost series reads 0 then; the price comes from the unit's own price series)
+        sc["faults"] = list(sc.get("faults") or []) + [{"kind": "source_down", "source": "nvml", "at": "2h",
+                                                         "until": "150m"}]
+        _record(f, node, write_scenario(f.root, f"{scenario}-outage", sc))
     return f
 
 
@@ -102,6 +109,8 @@ def _same(fleet_recs: list[Any], ledger_recs: list[Any]) -> None:
         assert g.units == r.units and g.node == r.node, k
         assert g.monthly_savings_dollars == pytest.approx(r.monthly_savings_dollars, rel=0.02, abs=0.5), k
         assert g.current_monthly_cost_dollars == pytest.approx(r.current_monthly_cost_dollars, rel=0.02), k
+        assert r.memory_peak_bytes, k  # shares too: their pod's memory on the device, as the agent's
+        assert g.memory_peak_bytes == pytest.approx(r.memory_peak_bytes, rel=0.01), k
 
 
 def _serve(cmd: list[str], url: str, what: str) -> subprocess.Popen:
@@ -194,10 +203,15 @@ def test_fleet_minutes_rebuild_the_ledgers_shares_and_prices(store: str, fleet: 
     shares = {round(r["gpu_fraction"], 6) for r in units if r["kind"] == "share"}
     assert shares and all(0 < f < 1 for f in shares)
     ledger = 0
+    unknown = 0.0
     for path in fleet.ledgers:
         h = History(path)
-        ledger += sum(1 for r in h.unit_minutes(fleet.start, fleet.end) if r["namespace"])
+        held = [r for r in h.unit_minutes(fleet.start, fleet.end) if r["namespace"]]
+        ledger += len(held)
+        unknown += sum(r["s_unknown"] or 0.0 for r in held)
         h.close()
+    assert unknown > 0, "the NVML outage left held units unknown"
+    assert all(r["hourly_price"] > 0 for r in units), "held units are priced while unknown too"
     assert len(units) == pytest.approx(ledger, rel=0.01), "every held unit-minute, once"
 
 
