@@ -148,9 +148,8 @@ def run(config_path: str | None, listen: str | None, interval: float | None, sim
     if interval is not None:
         config = replace(config, nvml=replace(config.nvml, interval=interval))
     setup_logging(log_format or config.log_format, log_level or config.log_level)
-    from agent.sources import DEFAULT_LEDGER
-
     from agent.exposition import prepare
+    from agent.sources import DEFAULT_LEDGER
     from agent.threads import name_native_threads
 
     name_native_threads()  # top -H / ps -L tell the agent's threads apart
