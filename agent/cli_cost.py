@@ -61,6 +61,22 @@ def simulated_ledger(history_path: str | None, prefix: str) -> tuple[str, str | 
     return os.path.join(tmp, "history.db"), tmp
 
 
+def fill_simulated_ledger(config: Any, scenario: str, seconds: float, path: str, start: float | None) -> None:
+    """Fill a new ledger at `path` by simulation; only a complete run appears there (an interrupted or
+    failed one leaves nothing that a later `--history` would read as a short week)."""
+    partial = path + ".partial"
+    for leftover in (partial, partial + "-wal", partial + "-shm"):
+        if os.path.exists(leftover):
+            os.remove(leftover)
+    try:
+        fill_simulated_history(config, scenario, seconds, partial, start)
+        os.replace(partial, path)
+    finally:
+        for leftover in (partial, partial + "-wal", partial + "-shm"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+
+
 def fill_simulated_history(config: Any, scenario: str, seconds: float, path: str, start: float | None = None) -> None:
     """Run the whole agent on the simulated node for `seconds` of simulated time, recording the ledger."""
     from agent.sources import build_runtime
@@ -151,7 +167,7 @@ def cost(history_path: str | None, simulate: str | None, prometheus_url: str | N
             if simulate:
                 seconds = window or 7 * 86400.0
                 history_path, tmp = simulated_ledger(history_path, "gpucap-cost-")
-                fill_simulated_history(config, simulate, seconds, history_path, start)
+                fill_simulated_ledger(config, simulate, seconds, history_path, start)
             report = _from_ledger(history_path, window, month_range, keys, bool(simulate), fmt, config)
         budget = None
         budgets = getattr(getattr(config, "cost", None), "budgets", None)

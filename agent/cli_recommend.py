@@ -21,7 +21,7 @@ from agent.cli_cost import (
     _fail,
     _progress,
     check_sources,
-    fill_simulated_history,
+    fill_simulated_ledger,
     setup_logging,
     simulated_ledger,
 )
@@ -78,7 +78,7 @@ def recommend(history_path: str | None, simulate: str | None, prometheus_url: st
         else:
             if simulate:
                 history_path, tmp = simulated_ledger(history_path, "gpucap-recommend-")
-                fill_simulated_history(config, simulate, window, history_path, start)
+                fill_simulated_ledger(config, simulate, window, history_path, start)
                 source = f"simulated {simulate}"
             else:
                 source = f"ledger {history_path}"

@@ -117,18 +117,18 @@ def report_from_history(history: Any, start: float, end: float, by: Sequence[str
     if model_mode:
         # Move each model's share of its pod's dollars out of the pod's "" model row. A pod on several
         # units (a tensor-parallel server on 2 GPUs) has its model dollars spread over those units in
-        # proportion to what each unit booked for the pod in that state, so `--by unit,model` puts
+        # proportion to what each unit booked for the pod in that state and hour, so `--by unit,model` puts
         # them where the money was and no unit's row goes negative.
-        parts: dict[tuple[str, str, str], dict[tuple[str, ...], list[float]]] = defaultdict(dict)
-        for r in hour_rows:
+        parts: dict[tuple[str, str, str, int], dict[tuple[str, ...], list[float]]] = defaultdict(dict)
+        for r in hour_rows:  # per hour: a pod name that moves to another unit takes its model along
             if r.pod and r.dollars > 0:
-                part = parts[(r.namespace, r.pod, r.state)].setdefault(
+                part = parts[(r.namespace, r.pod, r.state, r.hour)].setdefault(
                     _key(r, unit_by), [0.0, r.hourly_price / max(r.gpu_fraction, 1e-12)])
                 part[0] += r.dollars
         for m in history.server_minutes(start, end):
             for state in STATES:
                 d = m.get(f"d_{state}") or 0.0
-                pod_parts = parts.get((m["namespace"], m["pod"], state))
+                pod_parts = parts.get((m["namespace"], m["pod"], state, int(m["minute"]) // 3600 * 3600))
                 if d <= 0 or not pod_parts:
                     continue
                 booked = sum(p[0] for p in pod_parts.values())

@@ -29,17 +29,18 @@ class LiveRightsizing:
         self.settings = settings_from_config(config)
         self.prices = Prices.from_pricing(config.pricing)
         self.latest: tuple[Row, ...] = ()
-        self.computed_at: float | None = None  # the state time of the last attempt
+        self.computed_at: float | None = None  # the monotonic time of the last attempt
         self._running = threading.Lock()
         self._last_error = ""
 
     def __call__(self, state: Any) -> None:
         """`on_state` hook: start a recomputation when one is due and none is running."""
-        if self.computed_at is not None and state.time - self.computed_at < self.refresh:
+        # due by the monotonic clock: a wall clock stepped back must not stall the metric
+        if self.computed_at is not None and state.mono - self.computed_at < self.refresh:
             return
         if not self._running.acquire(blocking=False):
             return
-        self.computed_at = state.time
+        self.computed_at = state.mono
         threading.Thread(target=self._run, args=(state.time,), name="gpucap-rightsizing", daemon=True).start()
 
     def _run(self, now: float) -> None:
