@@ -46,11 +46,12 @@ MAX_WINDOW = 90 * 86400.0
               type=click.Choice(["table", "csv", "json", "html"]), default="table", show_default=True)
 @click.option("--output", "output", envvar="GPUCAP_OUTPUT", show_envvar=True, type=click.Path(dir_okay=False),
               default=None, help="Write to this file instead of standard output.")
+@click.option("--wide", "-w", is_flag=True, envvar="GPUCAP_WIDE", help="Table: every column, never cut.")
 @click.option("--config", "config_path", envvar="GPUCAP_CONFIG", show_envvar=True, type=click.Path(dir_okay=False))
 @click.option("--start", "start", type=float, default=None, hidden=True,
               help="With --simulate: the simulated clock's start (Unix seconds), for reproducible output.")
 def recommend(history_path: str | None, simulate: str | None, prometheus_url: str | None, window: float,
-              fmt: str, output: str | None, config_path: str | None, start: float | None) -> None:
+              fmt: str, output: str | None, wide: bool, config_path: str | None, start: float | None) -> None:
     """Per workload: release, downsize to a MIG slice or a cheaper GPU, consolidate, scale up or keep,
     with the target, the monthly savings and the confidence."""
     check_sources(history_path, simulate, prometheus_url)
@@ -83,7 +84,7 @@ def recommend(history_path: str | None, simulate: str | None, prometheus_url: st
             else:
                 source = f"ledger {history_path}"
             recs = _from_ledger(str(history_path), window, settings, prices, html)
-        text = render(recs, fmt, source=source, settings=settings)
+        text = render(recs, fmt, source=source, settings=settings, wide=wide)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -165,30 +166,50 @@ def to_json(recs: Sequence[Recommendation], source: str = "", settings: Settings
     return json.dumps(doc, indent=2) + "\n"
 
 
-_TABLE = (("WORKLOAD", 34), ("GPUS", 5), ("P95", 5), ("MEM PEAK", 9), ("SAT", 4), ("ACTION", 12),
-          ("TARGET", 16), ("NOW $/MO", 10), ("SAVES $/MO", 11), ("CONF", 4))
+_NARROW = 120  # below this many columns the table leaves out P95, MEM PEAK and SAT (the reasons give them)
+_ACTION_STYLE = {"release": "idle_reserved", "scale_up": "saturated"}
 
 
-def to_table(recs: Sequence[Recommendation]) -> str:
-    lines = ["  ".join(f"{h:<{w}}" for h, w in _TABLE).rstrip()]
+def to_table(recs: Sequence[Recommendation], wide: bool = False, out: Any = None) -> str:
+    """The workloads, the summary and one reason per workload, fitted to the terminal (agent/tables.py);
+    names are cut with an ellipsis, numbers never; `--wide` shows every column at any width."""
+    from rich.text import Text
+
+    from agent.tables import Column, Out, styled, table
+
+    out = out if out is not None else Out.detect(wide)
+    full = wide or out.width >= _NARROW
+    columns = [Column("WORKLOAD", shrink=True, min_width=16), Column("GPUS", justify="right")]
+    if full:
+        columns += [Column("P95", justify="right"), Column("MEM PEAK", justify="right"),
+                    Column("SAT", justify="right")]
+    columns += [Column("ACTION"), Column("TARGET", shrink=True, min_width=8), Column("NOW $/MO", justify="right"),
+                Column("SAVES $/MO", justify="right"), Column("CONF", justify="right")]
+    rows = []
     for r in recs:
-        cells = (f"{r.namespace}/{r.workload}", f"{r.allocation:g}", "-" if r.activity_p95 is None else
-                 f"{r.activity_p95:.2f}", "-" if r.memory_peak_bytes is None else f"{r.memory_peak_bytes / 2**30:.1f}G",
-                 "-" if r.saturated_ratio is None else f"{r.saturated_ratio:.0%}", r.action, r.target or "-",
-                 f"{r.current_monthly_cost_dollars:,.0f}", f"{r.monthly_savings_dollars:,.0f}", f"{r.confidence:.2f}")
-        lines.append("  ".join(f"{c:<{w}}" for c, (_, w) in zip(cells, _TABLE)).rstrip())
+        cells: list[Any] = [f"{r.namespace}/{r.workload}", f"{r.allocation:g}"]
+        if full:
+            cells += ["-" if r.activity_p95 is None else f"{r.activity_p95:.2f}",
+                      "-" if r.memory_peak_bytes is None else f"{r.memory_peak_bytes / 2**30:.1f}G",
+                      "-" if r.saturated_ratio is None else f"{r.saturated_ratio:.0%}"]
+        cells += [styled(r.action, _ACTION_STYLE.get(r.action, "")), r.target or "-",
+                  f"{r.current_monthly_cost_dollars:,.0f}", f"{r.monthly_savings_dollars:,.0f}",
+                  f"{r.confidence:.2f}"]
+        rows.append(cells)
+    out.add(table(columns, rows, width=out.width))
     s = summary(recs)
-    lines.append("")
-    lines.append(f"{s['workloads']} workloads, ${s['current_monthly_cost_dollars']:,.0f}/month now; "
+    out.text("")
+    out.add(Text(f"{s['workloads']} workloads, ${s['current_monthly_cost_dollars']:,.0f}/month now; "
                  f"${s['monthly_savings_dollars']:,.0f}/month of savings available"
                  + (f"; scaling up adds ${s['scale_up_monthly_cost_dollars']:,.0f}/month"
-                    if s["scale_up_monthly_cost_dollars"] else "") + " (730 h a month).")
+                    if s["scale_up_monthly_cost_dollars"] else "") + " (730 h a month)."))
     for r in recs:
-        lines.append(f"  {r.namespace}/{r.workload}: {r.reason}")
-    return "\n".join(lines) + "\n"
+        out.add(Text(f"  {r.namespace}/{r.workload}: {r.reason}"))
+    return out.render()
 
 
-def render(recs: Sequence[Recommendation], fmt: str, source: str = "", settings: Settings | None = None) -> str:
+def render(recs: Sequence[Recommendation], fmt: str, source: str = "", settings: Settings | None = None,
+           wide: bool = False) -> str:
     if fmt == "csv":
         return to_csv(recs)
     if fmt == "json":
@@ -199,4 +220,4 @@ def render(recs: Sequence[Recommendation], fmt: str, source: str = "", settings:
         except ImportError as e:
             _fail(f"--format html needs the report extra (pip install 'gpucap[report]'): {e}", 2)
         return render_html(recs, source=source, summary=summary(recs))
-    return to_table(recs)
+    return to_table(recs, wide)

@@ -171,9 +171,15 @@ def _money(v: float) -> str:
     return f"${v:,.2f}"
 
 
-def to_table(report: CostReport, now: float | None = None) -> str:
+def to_table(report: CostReport, now: float | None = None, out: Any = None) -> str:
     """Per team (or the first --by key): GPU-hours and dollars by state; the node's unallocated dollars;
-    observed and unobserved hours; month to date and projected when the window is a month."""
+    observed and unobserved hours. Fits the terminal (agent/tables.py: COLUMNS, else the TTY, else
+    80; names are cut, money never), colour for idle reserved, lost and unknown dollars on a TTY."""
+    from rich.text import Text
+
+    from agent.tables import Column, Out, styled, table
+
+    out = out if out is not None else Out.detect()
     key = report.by[0] if report.by else "team"
     per: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for r in report.rows:
@@ -182,28 +188,32 @@ def to_table(report: CostReport, now: float | None = None) -> str:
             name = f"(node: {r['state']})"
         per[name or "(no " + key + ")"][r["state"]] += r["cost_dollars"]
         per[name or "(no " + key + ")"]["hours"] += r["gpu_hours"]
-    head = f"{key.upper():<24} {'GPU-H':>9} {'ACTIVE':>11} {'IDLE RSV':>11} {'LOST':>9} {'UNKNOWN':>9} {'TOTAL':>11}"
-    lines = [
-        f"GPU cost {_rfc3339(report.start)} .. {_rfc3339(report.end)} ({report.source})",
-        f"observed {report.observed_hours:,.2f} h of {report.window_hours:,.2f} h"
-        + (f" ({report.window_hours - report.observed_hours:,.2f} h not observed: not counted, never guessed)"
-           if report.window_hours - report.observed_hours > 0.01 else ""),
-        "",
-        head,
-    ]
+    out.text(f"GPU cost {_rfc3339(report.start)} .. {_rfc3339(report.end)} ({report.source})")
+    unobserved = report.window_hours - report.observed_hours
+    out.add(Text(f"observed {report.observed_hours:,.2f} h of {report.window_hours:,.2f} h"
+                 + (f" ({unobserved:,.2f} h not observed: not counted, never guessed)" if unobserved > 0.01 else "")))
+    out.text("")
     order = sorted(per, key=lambda n: (n.startswith("(node"), -sum(v for k, v in per[n].items() if k != "hours")))
+    rows = []
     for name in order:
         v = per[name]
         total = sum(x for k, x in v.items() if k != "hours")
-        lines.append(f"{name[:24]:<24} {v['hours']:>9,.1f} {_money(v['active']):>11} {_money(v['idle_reserved']):>11} "
-                     f"{_money(v['lost']):>9} {_money(v['unknown']):>9} {_money(total):>11}")
+        cells: list[Any] = [name, f"{v['hours']:,.1f}", _money(v["active"])]
+        for state in ("idle_reserved", "lost", "unknown"):
+            cells.append(styled(_money(v[state]), state) if v[state] > 0.005 else _money(v[state]))
+        cells.append(_money(total))
+        rows.append(cells)
+    columns = [Column(key.upper(), shrink=True, min_width=12)] + [
+        Column(h, justify="right") for h in ("GPU-H", "ACTIVE", "IDLE RSV", "LOST", "UNKNOWN", "TOTAL")]
+    out.add(table(columns, rows, width=out.width))
     s = report.by_state()
-    lines += ["", f"total {_money(report.total_dollars)} = node price × observed hours {_money(report.node_dollars)}",
-              "by state: " + ", ".join(f"{k.replace('_', ' ')} {_money(v)}" for k, v in s.items())]
+    out.text("")
+    out.add(Text(f"total {_money(report.total_dollars)} = node price × observed hours {_money(report.node_dollars)}"))
+    out.add(Text("by state: " + ", ".join(f"{k.replace('_', ' ')} {_money(v)}" for k, v in s.items())))
     if report.observed_hours > 0:
         rate = report.total_dollars / (report.observed_hours / max(1, len(report.observed_seconds)))
-        lines.append(f"run rate {_money(rate)}/h, {_money(rate * HOURS_PER_MONTH)}/month (730 h)")
-    return "\n".join(lines) + "\n"
+        out.add(Text(f"run rate {_money(rate)}/h, {_money(rate * HOURS_PER_MONTH)}/month (730 h)"))
+    return out.render()
 
 
 def reconcile(report: CostReport) -> float:

@@ -270,7 +270,7 @@ def test_the_documented_cost_section_is_the_default() -> None:
 
 
 def test_gpucap_cost_compares_the_month_to_date_whatever_the_window(tmp_path: Path) -> None:
-    """A 3-day report from Nov 29 to Dec 2 still says where each team stands in December: the
+    """A 36-hour report from Nov 30 to Dec 2 still says where each team stands in December: the
     budget block reads the ledger again for the month so far (one day), not the report's window."""
     from click.testing import CliRunner
 
@@ -279,7 +279,11 @@ def test_gpucap_cost_compares_the_month_to_date_whatever_the_window(tmp_path: Pa
     cfg = tmp_path / "budgets.yaml"
     cfg.write_text("cost:\n  budgets:\n    research: 3000\n    ml-platform: 20000\n")
     dec = NOV + 30 * DAY
-    args = ["cost", "--simulate", "demo", "--window", "3d", "--start", str(dec - 2 * DAY), "--config", str(cfg)]
+    ledger = tmp_path / "sim.db"  # simulated once (36 h from Nov 30 12:00), then read twice
+    sim = CliRunner().invoke(main, ["cost", "--simulate", "demo", "--window", "36h", "--start", str(dec - 0.5 * DAY),
+                                    "--history", str(ledger), "--config", str(cfg)])
+    assert sim.exit_code == 0, sim.output
+    args = ["cost", "--history", str(ledger), "--window", "36h", "--config", str(cfg)]
     res = CliRunner().invoke(main, args + ["--format", "json"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)

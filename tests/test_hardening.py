@@ -270,7 +270,7 @@ def test_a_dead_collector_thread_is_marked_stalled_and_restarted() -> None:
     try:
         s = agent.sources["src"]
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and not (s.restarts and ok.calls):
+        while time.monotonic() < deadline and not (s.restarts and ok.calls and s.success):  # recorded, not only called
             time.sleep(0.1)
         assert s.restarts == 1 and s.errors["stalled"] == 1
         assert ok.calls >= 1 and s.success  # collecting again after the restart

@@ -291,6 +291,7 @@ def test_cost_table_reads_like_a_finops_report(tmp_path: Path) -> None:
     text = res.output
     assert "research" in text and "IDLE RSV" in text and "(node: unallocated)" in text
     assert "= node price × observed hours" in text
+    assert max(len(line) for line in text.splitlines()) <= 80, "CliRunner's width: 80 columns"
 
 
 def test_cost_bad_input_is_a_clear_error(tmp_path: Path) -> None:

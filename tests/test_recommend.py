@@ -357,3 +357,17 @@ def test_html_report_renders_offline_in_headless_chromium(demo_day: Path, tmp_pa
     near = {c for _, c in colours}
     assert any(abs(r - 0xC0) < 12 and abs(g - 0x39) < 12 and abs(b - 0x2B) < 12 for r, g, b in near)
     assert any(abs(r - 0xE6) < 12 and abs(g - 0x7E) < 12 and abs(b - 0x22) < 12 for r, g, b in near)
+
+
+def test_table_fits_80_columns_and_wide_shows_every_column(demo_day: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    res = CliRunner().invoke(main, ["recommend", "--history", str(demo_day), "--window", "1d"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert max(len(line) for line in lines) <= 80, max(lines, key=len)
+    assert "\x1b[" not in res.output, "piped: no escape codes"
+    assert "ACTION" in lines[0] and "P95" not in lines[0]  # the reasons carry p95 and memory at 80 columns
+    assert any(line.startswith("research/notebook") and "release" in line for line in lines)
+    wide = CliRunner().invoke(main, ["recommend", "--history", str(demo_day), "--window", "1d", "--wide"])
+    head = wide.output.splitlines()[0].split()
+    assert head[:4] == ["WORKLOAD", "GPUS", "P95", "MEM"] and "…" not in wide.output

@@ -72,8 +72,11 @@ def test_a_running_agent_serves_the_metric_from_its_ledger(tmp_path: Path) -> No
          "--listen", f"127.0.0.1:{port}", "--config", str(cfg), "--history", str(tmp_path / "h.db")],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        got = _wait(lambda: _series(_get(f"http://127.0.0.1:{port}/metrics").decode()), 60, FAMILY)
+        # refreshed every 10 simulated minutes: the first result may predate the pods' owner metadata
+        # (its minutes name the pod), a later one names the workloads
+        got = _wait(lambda: {"notebook-alice", "chat-llama-70b"} <= set(
+            _series(_get(f"http://127.0.0.1:{port}/metrics").decode())), 60, FAMILY)
     finally:
         proc.terminate()
         proc.wait(10)
-    assert {"notebook-alice", "chat-llama-70b"} <= set(got)
+    assert got
