@@ -94,7 +94,8 @@ def fill_simulated_history(config: Any, scenario: str, seconds: float, path: str
         rt.close()
 
 
-def _progress(total: float) -> Any:
+def _progress(total: float, label: str = "simulating") -> Any:
+    """A progress callback (fraction done) drawing a bar on stderr when it is a terminal, else None."""
     if not sys.stderr.isatty():
         return None
     try:
@@ -102,7 +103,7 @@ def _progress(total: float) -> Any:
     except ImportError:
         return None
     bar = Progress(transient=True)
-    task = bar.add_task("simulating", total=1.0)
+    task = bar.add_task(label, total=1.0)
     bar.start()
 
     def update(fraction: float) -> None:
@@ -160,7 +161,8 @@ def cost(history_path: str | None, simulate: str | None, prometheus_url: str | N
             if fmt == "focus":
                 raise click.UsageError("--format focus needs a ledger (--history or --simulate), not --prometheus")
             try:
-                report = report_from_prometheus(prometheus_url, begin, min(end, time.time()), keys)
+                report = report_from_prometheus(prometheus_url, begin, min(end, time.time()), keys,
+                                                on_progress=_progress(1.0, "querying the fleet"))
             except FleetError as e:
                 _fail(str(e), 1)
         else:

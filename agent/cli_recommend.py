@@ -72,7 +72,7 @@ def recommend(history_path: str | None, simulate: str | None, prometheus_url: st
             end = time.time()
             try:
                 recs = recommend_from_prometheus(prometheus_url, end - window, end, settings, prices,
-                                                 config.pricing, with_series=html, on_progress=_progress(1.0))
+                                                 config.pricing, with_series=html, on_progress=_progress(1.0, "querying the fleet"))
             except FleetError as e:
                 _fail(str(e), 1)
             source = f"prometheus {prometheus_url}"
