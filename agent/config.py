@@ -8,6 +8,7 @@ file, the dotted key, the value and what was expected; all mistakes of a file co
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -19,6 +20,11 @@ from collectors.schema import Reader, load_yaml_file
 
 DEFAULT_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
 MAX_EXTRA_POD_LABELS = 10  # gpucap_pod_info: 7 own labels + these + job/instance = 19, under 20
+
+
+def pod_label_name(key: str) -> str:
+    """The Prometheus label a pod label from `kubernetes.pod_label_allowlist` becomes on gpucap_pod_info."""
+    return "label_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +269,13 @@ def _read_config(r: Reader) -> Config:
         feature_label_keys=_str_list(k8, "feature_label_keys", ["gpucap.io/feature", "app.kubernetes.io/component"]),
         pod_label_allowlist=_str_list(k8, "pod_label_allowlist", []),
     )
+    seen: dict[str, str] = {}
+    for key in kube.pod_label_allowlist:
+        name = pod_label_name(key)
+        if name in seen and seen[name] != key:
+            k8.problem("pod_label_allowlist", f"labels whose Prometheus names differ: {seen[name]!r} and {key!r} "
+                       f"both become {name} on gpucap_pod_info (keep one)", list(kube.pod_label_allowlist))
+        seen.setdefault(name, key)
     if len(kube.pod_label_allowlist) > MAX_EXTRA_POD_LABELS:
         k8.problem("pod_label_allowlist", f"at most {MAX_EXTRA_POD_LABELS} labels (gpucap_pod_info has 6 "
                    "labels of its own and every series stays under 20)", list(kube.pod_label_allowlist))

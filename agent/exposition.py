@@ -292,9 +292,9 @@ class StateCollector:
 
 
 def _label_name(key: str) -> str:
-    import re
+    from agent.config import pod_label_name
 
-    return "label_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+    return pod_label_name(key)
 
 
 def make_registry(get_state: Callable[[], AgentState | None]) -> CollectorRegistry:

@@ -67,6 +67,16 @@ def test_a_hostile_config_is_exit_2_naming_the_file_never_a_traceback(tmp_path: 
     assert len(result.output) < 2000  # no 190 KB traceback, no file echoed
 
 
+def test_two_pod_labels_with_one_prometheus_name_are_refused_not_silently_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "labels.yaml"
+    path.write_text("kubernetes:\n  pod_label_allowlist: [app.kubernetes.io/name, app_kubernetes_io/name, tier]\n")
+    result = CliRunner().invoke(main, ["check-config", str(path)])
+    assert result.exit_code == 2
+    assert "kubernetes.pod_label_allowlist" in result.output and "label_app_kubernetes_io_name" in result.output
+    path.write_text("kubernetes:\n  pod_label_allowlist: [app.kubernetes.io/name, tier]\n")
+    assert CliRunner().invoke(main, ["check-config", str(path)]).exit_code == 0
+
+
 def test_a_config_directory_or_fifo_is_refused(tmp_path: Path) -> None:
     fifo = tmp_path / "fifo.yaml"
     os.mkfifo(fifo)
