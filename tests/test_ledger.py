@@ -170,7 +170,9 @@ def test_corrupt_file_at_start_is_moved_aside(tmp_path: Path, caplog) -> None:
     assert any("moved aside" in r.getMessage() for r in caplog.records)
 
 
-def test_disk_full_is_counted_and_metrics_keep_serving(tmp_path: Path) -> None:
+@pytest.mark.parametrize("failure", ["database or disk is full", "attempt to write a readonly database"])
+def test_disk_full_is_counted_and_metrics_keep_serving(tmp_path: Path, failure: str) -> None:
+    """A full disk or a file made read-only under the running agent (a remount)."""
     path = str(tmp_path / "h.db")
     rt = build_runtime(Config(), simulate="demo", realtime=False, start=START, history=path)
     try:
@@ -191,7 +193,7 @@ def test_disk_full_is_counted_and_metrics_keep_serving(tmp_path: Path) -> None:
                 return False
 
             def executemany(self, *a):
-                raise sqlite3.OperationalError("database or disk is full")
+                raise sqlite3.OperationalError(failure)
 
         writer._conn = Full(writer._conn)
         st = rt.agent.run_until(rt.clock, START + 900, 10)
