@@ -571,3 +571,23 @@ def test_an_inference_outage_is_applied_at_request_time(scenario_file: Write) ->
             except urllib.error.HTTPError as e:
                 codes.append(e.code)
     assert codes == [200, 500, 200]
+
+
+def test_a_device_freed_by_an_ended_pod_goes_to_a_pod_that_starts_later(tmp_path: Path) -> None:
+    """A churning node: one GPU, three pods one after another. Before, the scenario was refused
+    (each pod needed a device of its own for the whole run); now each holds the GPU in its turn."""
+    from tests.helpers import run_to, simulated, write_scenario
+
+    sc = {"node": {"name": "n1", "labels": {"node.kubernetes.io/instance-type": "p5.48xlarge"}},
+          "gpus": {"model": "H100-SXM-80GB", "count": 1},
+          "pods": [{"namespace": "batch", "name": f"job-{i}", "owner": {"kind": "Job", "name": f"job-{i}"},
+                    "start": i * 1200, "end": i * 1200 + 1080,
+                    "containers": [{"name": "main", "gpus": 1, "load": {"pattern": "constant", "level": 0.5}}]}
+                   for i in range(3)]}
+    with simulated(write_scenario(tmp_path, "churn1", sc)) as rt:
+        holders = []
+        for t in (600, 1800, 3000):
+            st = run_to(rt, t)
+            (unit,) = st.units
+            holders.append(unit.row.allocations[0].owner.pod if unit.row.allocations else "")
+    assert holders == ["job-0", "job-1", "job-2"]

@@ -12,6 +12,7 @@ import math
 import threading
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 from collectors.schema import InputError
 from collectors.simulated.catalog import MigProfile
@@ -78,7 +79,23 @@ def allocate(sc: Scenario) -> tuple[SimAllocation, ...]:
     free_replicas.sort()
     free_mig = [(g.index, j, m.profile) for g in sc.gpus if g.mig for j, m in enumerate(g.mig)]
     out = []
+    # A pod that has ended gives its devices back to pods that start after it (a churning node):
+    # they go to the end of the free lists, so devices never used are handed out first (a scenario
+    # without lifetimes allocates exactly as before).
+    ending: list[tuple[float, str, Any]] = []  # (end, pool, device) of pods with an end
     for pi, pod in enumerate(sc.pods):
+        if ending:
+            still = []
+            for end, pool, dev in ending:
+                if end > pod.start:
+                    still.append((end, pool, dev))
+                elif pool == "mig":
+                    free_mig.append(dev)
+                elif pool == "full":
+                    free_full.append(dev)
+                else:
+                    free_replicas.append(dev)
+            ending = still
         for ci, c in enumerate(pod.containers):
             where = f"pods[{pi}].containers[{ci}]"
             pid = 1000 + zlib.crc32(f"{pod.uid}/{c.name}".encode()) % 4_000_000
@@ -102,12 +119,16 @@ def allocate(sc: Scenario) -> tuple[SimAllocation, ...]:
                             free_full.remove(gi)  # a shared GPU is no longer free as a whole
                         dev = f"{sc.gpus[gi].uuid}::{rep}"
                         out.append(SimAllocation(pod, c, sc.shared_resource, dev, gi, None, rep, pid))
+                        if pod.end is not None:
+                            ending.append((pod.end, "share", (gi, rep)))
                 else:
                     if len(free_full) < c.gpus:
                         raise InputError(sc.path, f"{where}.gpus", f"at most {len(free_full)} free GPUs", c.gpus)
                     for _ in range(c.gpus):
                         gi = free_full.pop(0)
                         out.append(SimAllocation(pod, c, "nvidia.com/gpu", sc.gpus[gi].uuid, gi, None, None, pid))
+                        if pod.end is not None:
+                            ending.append((pod.end, "full", gi))
             for prof, n in c.mig:
                 for _ in range(n):
                     slot = next((s for s in free_mig if s[2] == prof), None)
@@ -117,6 +138,8 @@ def allocate(sc: Scenario) -> tuple[SimAllocation, ...]:
                     gi, j, _ = slot
                     mig = sc.gpus[gi].mig[j]  # type: ignore[index]
                     out.append(SimAllocation(pod, c, f"nvidia.com/mig-{prof}", mig.uuid, gi, j, None, pid))
+                    if pod.end is not None:
+                        ending.append((pod.end, "mig", slot))
     return tuple(out)
 
 
