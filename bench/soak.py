@@ -38,7 +38,7 @@ from agent.config import Config, HistoryConfig
 from agent.exposition import render
 from agent.simulate import fast_forward
 from agent.sources import build_runtime
-from collectors.simulated.scenario import resolve
+from collectors.simulated.scenario import _parse, resolve
 
 START = 1_800_000_000.0
 SLOTS = 48  # the slices of `large` that are not vLLM servers
@@ -65,8 +65,16 @@ def churn_scenario(days: float, pods: int, folder: Path) -> Path:
     sc["name"] = "large-churn"
     sc["pods"] = servers + churn
     path = folder / "large-churn.yaml"
-    path.write_text(yaml.safe_dump(sc, sort_keys=False))
+    path.write_text(yaml.safe_dump(sc, sort_keys=False))  # kept for a look; loaded below without YAML
     return path
+
+
+def load_big(path: Path) -> Any:
+    """The churn scenario through the loader's own validation (`_parse`), but not through its file
+    reader: 10,000 pods are more values than a scenario *file* may hold (200,000, a cap against
+    hostile files), and this one is generated here."""
+    data = yaml.safe_load(path.read_text())
+    return _parse(data, str(path))
 
 
 def _ledger_bytes(path: str) -> int:
@@ -79,7 +87,14 @@ def soak(days: float, pods: int, max_bytes: int) -> dict[str, Any]:
     ledger = str(folder / "history.db")
     config = Config(history=HistoryConfig(max_bytes=max_bytes))
     proc = psutil.Process()
-    rt = build_runtime(config, simulate=str(scenario), realtime=False, start=START, history=ledger)
+    import collectors.simulated.scenario as loader
+
+    real_load = loader.load_scenario
+    loader.load_scenario = lambda name: load_big(scenario) if name == str(scenario) else real_load(name)
+    try:
+        rt = build_runtime(config, simulate=str(scenario), realtime=False, start=START, history=ledger)
+    finally:
+        loader.load_scenario = real_load
     samples: list[dict[str, Any]] = []
     next_sample = [START]
     seen_pods: set[str] = set()
