@@ -1,9 +1,10 @@
 """Fault injection against the whole agent (issue 13, item 6). Each fault asserts the same four
 things: the agent keeps serving (a render of the state, which is all a scrape does), the right
 `gpucap_collector_*` series show the fault, nothing unrelated changes, and recovery is automatic.
-Faults of one source in isolation (kubelet garbage/huge replies, API 500s and hangs, inference
-targets hanging/huge/malformed/redirecting, ledger disk full/corrupt) are tested beside their
-collectors; docs/reliability.md has the table."""
+Misbehaving servers (inference bodies garbage, HTML, huge, cut short, redirecting, flapping; the API
+server 503 or refusing; a huge kubelet reply) are set by hand on the simulator's real servers; faults
+that need real time (hangs) or one collector's view are tested beside their collectors;
+docs/reliability.md has the table."""
 
 from __future__ import annotations
 
@@ -58,6 +59,74 @@ def test_a_source_down_is_shown_isolated_and_recovers(tmp_path: Path, source: st
         after = rt.agent.run_until(rt.clock, START + 8 * 60, 10)
         assert _success(after)[collector] == 1.0  # recovered, nobody restarted anything
         assert collected(after)["gpucap_kubernetes_metadata_stale"][0][1] == 0.0
+
+
+def _set_inference(rt, mode: str) -> None:
+    for srv in rt.env.inference_servers.values():
+        srv.fault = mode
+
+
+# Faults set by hand on the simulator's real servers, through the whole agent: (collector, set, clear).
+HAND_FAULTS = {
+    **{f"inference-{mode}": ("inference", lambda rt, m=mode: _set_inference(rt, m),
+                             lambda rt: _set_inference(rt, "ok"))
+       for mode in ("garbage", "html", "huge", "truncated", "redirect_loop")},
+    "api-503": ("kubernetes", lambda rt: rt.env.api.set_down("503"), lambda rt: rt.env.api.set_up()),
+    "api-refused": ("kubernetes", lambda rt: rt.env.api.set_down("refused"), lambda rt: rt.env.api.set_up()),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(HAND_FAULTS))
+def test_a_misbehaving_server_is_shown_isolated_and_recovers(fault: str) -> None:
+    """Bodies that are garbage, HTML, 50 MiB, cut short or redirect in a loop; an API server that
+    answers 503 or refuses connections: the agent serves, shows that source only, and recovers."""
+    collector, set_fault, clear = HAND_FAULTS[fault]
+    with simulated("demo") as rt:
+        before = rt.agent.run_until(rt.clock, START + 110, 10)
+        assert set(_success(before).values()) == {1.0}
+        set_fault(rt)
+        during = rt.agent.run_until(rt.clock, START + 240, 10)
+        assert render(during)  # still serving
+        ok = _success(during)
+        if collector == "kubernetes":
+            assert collected(during)["gpucap_kubernetes_metadata_stale"][0][1] == 1.0
+            owners = {l["workload"] for l, _ in collected(during)["gpucap_pod_info"]}
+            assert "notebook-alice" in owners, "the last known metadata is served"
+        else:
+            assert ok[collector] == 0.0
+            errors = {l["kind"] for l, v in collected(during)["gpucap_collector_errors_total"]
+                      if l["collector"] == collector and v > 0}
+            assert errors, "the failure is counted by kind"
+        assert all(v == 1.0 for k, v in ok.items() if k != collector), ok  # nothing unrelated
+        assert len([v for _, v in collected(during)["gpucap_gpu_up"] if v == 1.0]) == 8
+        clear(rt)
+        after = rt.agent.run_until(rt.clock, START + 8 * 60, 10)
+        assert _success(after)[collector] == 1.0
+        assert collected(after)["gpucap_kubernetes_metadata_stale"][0][1] == 0.0
+
+
+def test_a_flapping_inference_target_never_breaks_the_rest() -> None:
+    with simulated("demo") as rt:
+        rt.agent.run_until(rt.clock, START + 60, 10)
+        for i in range(12):  # up, down, up, … every 20 s
+            _set_inference(rt, "http_500" if i % 2 else "ok")
+            st = rt.agent.run_until(rt.clock, START + 60 + 20 * (i + 1), 10)
+            assert render(st)
+            assert {k: v for k, v in _success(st).items() if k != "inference"} == \
+                {"nvml": 1.0, "podresources": 1.0, "kubernetes": 1.0, "processes": 1.0}
+        _set_inference(rt, "ok")
+        after = rt.agent.run_until(rt.clock, START + 8 * 60, 10)
+    assert _success(after)["inference"] == 1.0
+    assert any(v > 0 for _, v in collected(after)["gpucap_inference_successful_requests_per_second"])
+
+
+def test_a_kubelet_reply_over_5mib_through_the_whole_agent() -> None:
+    with simulated("demo") as rt:
+        rt.env.kubelet.set_padding_pods(1000)  # a thousand other pods: a ~10 MiB reply
+        st = rt.agent.run_until(rt.clock, START + 120, 10)
+    assert _success(st)["podresources"] == 1.0
+    held = {l["pod"] for l, v in collected(st)["gpucap_allocated_cost_dollars_per_hour"] if l["pod"]}
+    assert "notebook-alice-7d9f8-x2x9k" in held and len(held) == 4
 
 
 def test_gpu_lost_and_xid_79_touch_that_gpu_only(tmp_path: Path) -> None:
