@@ -223,6 +223,49 @@ def test_socket_missing_is_unavailable(sock_dir: str) -> None:
     c.close()
 
 
+@pytest.mark.parametrize("reply", [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", os.urandom(4096), b""])
+def test_garbage_on_the_kubelet_socket_is_a_clear_failure_within_the_deadline(sock_dir: str, reply: bytes) -> None:
+    """Something that is not the kubelet's gRPC server on the socket (an HTTP/1 server, random bytes,
+    a peer that closes at once): the collection fails with an error, in time, never hangs or crashes."""
+    import socket
+    import threading
+
+    path = os.path.join(sock_dir, "garbage.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(8)
+    stop = threading.Event()
+
+    def serve() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            try:
+                conn.recv(65536)
+                conn.sendall(reply)
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    c = PodResourcesCollector(path, timeout=1.0)
+    start = time.monotonic()
+    try:
+        with pytest.raises(SourceError):
+            c.collect(now=0.0)
+    finally:
+        c.close()
+        stop.set()
+        t.join(2)
+        srv.close()
+    assert time.monotonic() - start < 10
+
+
 def test_slow_kubelet_times_out_within_the_deadline(kubelet: SimulatedKubelet, sock_dir: str) -> None:
     kubelet.set_delay(5.0)
     c = PodResourcesCollector(kubelet.socket_path, timeout=0.2)
