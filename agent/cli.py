@@ -148,14 +148,14 @@ def run(config_path: str | None, listen: str | None, interval: float | None, sim
     if interval is not None:
         config = replace(config, nvml=replace(config.nvml, interval=interval))
     setup_logging(log_format or config.log_format, log_level or config.log_level)
-    from agent.exposition import prepare
     from agent.sources import DEFAULT_LEDGER
     from agent.threads import name_native_threads
 
     name_native_threads()  # top -H / ps -L tell the agent's threads apart
-    # each new state is encoded once on the evaluation thread, so scrapes are served from bytes
-    rt = _build(config, simulate, speed=speed, realtime=True, history=history_path or DEFAULT_LEDGER,
-                on_state=prepare)
+    # States are encoded on demand, by the first scrape that asks (agent/exposition.py caches the
+    # bytes): evaluations outnumber scrapes several times, so encoding each one ahead would
+    # multiply the agent's largest cost for no scrape.
+    rt = _build(config, simulate, speed=speed, realtime=True, history=history_path or DEFAULT_LEDGER)
     host, port = parse_listen(config.listen)  # type: ignore[misc]
     stop = threading.Event()
     received: list[int] = []
