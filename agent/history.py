@@ -610,17 +610,40 @@ class History:
                                 (start, end)).fetchone()
         return float(row[0] or 0.0)
 
+    def _owners(self, start: float, end: float) -> dict[tuple[str, str], tuple[str, str, str, str]]:
+        """(namespace, pod) → (workload_kind, workload, team, feature) as the ledger knows it, in the window
+        or after it (a pod's name carries its ReplicaSet or Job hash: one pod, one owner)."""
+        rows = self.conn.execute(
+            "SELECT namespace, pod, max(workload_kind), max(workload), max(team), max(feature) FROM unit_minutes "
+            "WHERE minute >= ? AND workload != '' GROUP BY namespace, pod", (start,))
+        return {(ns, pod): (kind or "", wl or "", team or "", feat or "") for ns, pod, kind, wl, team, feat in rows}
+
+    @staticmethod
+    def _with_owner(row: dict[str, Any], owners: dict[tuple[str, str], tuple[str, str, str, str]]) -> dict[str, Any]:
+        """A pod's minutes from before its owner metadata arrived (the agent's first cycles, an API
+        server outage at its start) carry no workload: they get the owner the pod has elsewhere in the
+        window, so one workload is not reported twice (once under the pod's name)."""
+        if not row.get("workload") and row.get("pod"):
+            known = owners.get((row["namespace"], row["pod"]))
+            if known is not None:
+                for k, v in zip(("workload_kind", "workload", "team", "feature"), known):
+                    if not row.get(k):
+                        row[k] = v
+        return row
+
     def unit_minutes(self, start: float, end: float) -> Iterator[dict[str, Any]]:
+        owners = self._owners(start, end)
         cur = self.conn.execute(f"SELECT {', '.join(UNIT_COLUMNS)} FROM unit_minutes WHERE minute >= ? AND "
                                 "minute < ? ORDER BY minute", (start, end))
         for r in cur:
-            yield dict(zip(UNIT_COLUMNS, r))
+            yield self._with_owner(dict(zip(UNIT_COLUMNS, r)), owners)
 
     def server_minutes(self, start: float, end: float) -> Iterator[dict[str, Any]]:
+        owners = self._owners(start, end)
         cur = self.conn.execute(f"SELECT {', '.join(SERVER_COLUMNS)} FROM server_minutes WHERE minute >= ? AND "
                                 "minute < ? ORDER BY minute", (start, end))
         for r in cur:
-            yield dict(zip(SERVER_COLUMNS, r))
+            yield self._with_owner(dict(zip(SERVER_COLUMNS, r)), owners)
 
     def hour_rows(self, start: float, end: float) -> Iterator[HourRow]:
         """One row per UTC hour × unit × holder × state with time in that state."""

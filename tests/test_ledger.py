@@ -323,3 +323,28 @@ def test_simulate_with_history_keeps_the_simulated_ledger_for_more_reports(tmp_p
     # a second simulation never goes into an existing ledger
     clash = CliRunner().invoke(main, ["cost", "--simulate", "demo", "--history", str(path)] + args)
     assert clash.exit_code == 2 and "already exists" in clash.output
+
+
+def test_minutes_before_the_owner_metadata_arrived_get_the_pods_owner(tmp_path: Path) -> None:
+    """The agent's first cycles (or an API outage at its start) book a pod before its owner is known:
+    reports give those minutes the owner the pod has later, so a workload is not listed twice."""
+    from agent.recommend import from_history
+
+    path = str(tmp_path / "h.db")
+    _run("demo", path, 3 * 3600, step=60)
+    conn = sqlite3.connect(path)
+    with conn:  # the first ten minutes as a restarted agent without metadata books them
+        conn.execute("UPDATE unit_minutes SET workload='', workload_kind='', team='', feature='' WHERE minute < ?",
+                     (START + 600,))
+        conn.execute("UPDATE server_minutes SET workload='', workload_kind='', team='', feature='' WHERE minute < ?",
+                     (START + 600,))
+    conn.close()
+    h = History(path)
+    try:
+        recs = from_history(h, START, START + 3 * 3600)
+        first = [r for r in h.unit_minutes(START, START + 600) if r["pod"].startswith("notebook-alice")]
+    finally:
+        h.close()
+    assert {r.workload for r in recs} == {"notebook-alice", "assist-llama-1b", "chat-llama-70b", "finetune-llama-8b"}
+    assert first and all((r["workload"], r["workload_kind"], r["team"]) == ("notebook-alice", "Deployment", "research")
+                         for r in first)
