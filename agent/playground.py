@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.request
@@ -23,7 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-RULES = REPO / "deploy" / "helm" / "gpucap" / "rules" / "gpucap-alerts.yaml"
+# In a checkout (and an editable install) the chart's own file; `pip install .` ships the same file
+# as data under <prefix>/share/gpucap/rules (pyproject.toml: tool.setuptools.data-files).
+RULES_CANDIDATES = (REPO / "deploy" / "helm" / "gpucap" / "rules" / "gpucap-alerts.yaml",
+                    Path(sysconfig.get_path("data")) / "share" / "gpucap" / "rules" / "gpucap-alerts.yaml")
+RULES = next((p for p in RULES_CANDIDATES if p.is_file()), RULES_CANDIDATES[0])
 NODES = ("playground-node-a", "playground-node-b")
 # Sources read once a simulated minute: at 120x that is twice a second, which a laptop keeps up with
 # (at the default 10 s a loaded machine misses max ages, units go `unknown` and no idle streak lasts).
@@ -59,6 +64,7 @@ class Playground:
     rules: Path = RULES
     prometheus: str = "prometheus"
     workdir: Path | None = None
+    ui: str = ""  # the web UI's path prefix ("" or "/classic"), found once Prometheus is up
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -74,9 +80,11 @@ class Playground:
         if binary is None:
             raise PlaygroundError(f"no {self.prometheus!r} on PATH: install Debian's package "
                                   "(apt-get install prometheus) or pass --prometheus PATH")
+        self.rules = Path(self.rules).resolve()  # Prometheus reads it from its own folder
         if not self.rules.is_file():
-            raise PlaygroundError(f"{self.rules}: the alert rules are not there; run from a gpucap source "
-                                  "checkout or pass --rules FILE")
+            raise PlaygroundError(f"{self.rules}: no alert rules there (looked in "
+                                  f"{', '.join(str(p) for p in RULES_CANDIDATES)}); pass --rules FILE, e.g. "
+                                  "deploy/helm/gpucap/rules/gpucap-alerts.yaml of a gpucap checkout")
         if self.workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="gpucap-playground-")
             self.workdir = Path(self._tmp.name)
@@ -102,6 +110,7 @@ class Playground:
                  f"--storage.tsdb.path={self.workdir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}"],
                 stdout=open(self.workdir / "prometheus.log", "wb"), stderr=subprocess.STDOUT))  # noqa: SIM115
             self._wait_ready(ready_timeout)
+            self.ui = self._ui_prefix()
         except BaseException:
             self.stop()
             raise
@@ -122,6 +131,17 @@ class Playground:
         if pending:
             raise PlaygroundError(f"{pending[0]} did not answer within {timeout:g}s; see the logs in {self.workdir}")
 
+    def _ui_prefix(self) -> str:
+        """Where the alerts page is: `/alerts` on Prometheus builds with the web UI, `/classic/alerts`
+        on Debian's package (built without the React UI: its `/alerts` is a 404)."""
+        for prefix in ("", "/classic"):
+            try:
+                _get(f"{self.prometheus_url}{prefix}/alerts", timeout=2.0)
+                return prefix
+            except OSError:
+                continue
+        return ""
+
     def stop(self) -> None:
         for p in self._procs:
             if p.poll() is None:
@@ -137,14 +157,15 @@ class Playground:
             self._tmp = None
 
     def banner(self) -> str:
-        lines = [(f"gpucap playground: {len(self.agent_ports)} simulated nodes at {self.speed:g}x, Prometheus with "
-                 f"the chart's alert rules ({self.rules.name})"),
-                 f"  Prometheus alerts  {self.prometheus_url}/alerts",
-                 (f"  Prometheus graph   {self.prometheus_url}/graph?g0.expr=sum+by+(team,state)"
-                 "+(gpucap_cost_dollars_total)")]
+        ui = f"{self.prometheus_url}{self.ui}"
+        lines = [f"gpucap playground: {len(self.agent_ports)} simulated nodes at {self.speed:g}x, Prometheus with",
+                 f"the chart's alert rules ({self.rules.name})",
+                 f"  alerts  {ui}/alerts",
+                 f"  graph   {ui}/graph",
+                 "          try: sum by (team, state) (gpucap_cost_dollars_total)"]
         for scenario, url in zip(self.scenarios, self.agent_urls(), strict=False):
-            lines.append(f"  agent ({scenario:13s}) {url}")
+            lines.append(f"  agent   {url}  ({scenario})")
         minutes = 2 * 3600 / self.speed / 60
-        lines.append(f"GpucapIdleReservedGpu fires after 2 simulated hours of idle (about {minutes:.1f} min "
-                     "at this speed). Ctrl-C stops everything.")
+        lines.append(f"GpucapIdleReservedGpu fires after 2 simulated hours of idle (about {minutes:.1f} min")
+        lines.append("at this speed). Ctrl-C stops everything.")
         return "\n".join(lines)

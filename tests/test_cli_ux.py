@@ -193,8 +193,15 @@ def test_playground_fires_idle_reserved_alert_through_prometheus() -> None:
     proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "playground", "--speed", "150", "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=BASE_ENV)
     try:
-        banner = [proc.stdout.readline() for _ in range(6)]  # type: ignore[union-attr]
-        assert f"http://127.0.0.1:{port}/alerts" in "".join(banner), "".join(banner)
+        banner = []
+        while not banner or "Ctrl-C" not in banner[-1]:
+            banner.append(proc.stdout.readline())  # type: ignore[union-attr]
+            assert banner[-1], "".join(banner)  # the playground ended before its banner
+        assert max(len(line.rstrip("\n")) for line in banner) <= 80, banner
+        alerts_url = re.search(r"alerts\s+(http://\S+/alerts)", "".join(banner))
+        assert alerts_url and alerts_url.group(1).startswith(f"http://127.0.0.1:{port}/"), "".join(banner)
+        with urllib.request.urlopen(alerts_url.group(1), timeout=5) as r:  # the printed page opens
+            assert r.status == 200 and b"<html" in r.read(2000).lower()
         deadline = time.monotonic() + 110
         firing: list[dict] = []
         while time.monotonic() < deadline and not firing:
@@ -219,3 +226,25 @@ def test_shell_completion_completes_scenario_names() -> None:
     p = subprocess.run([sys.executable, "-c", "from agent.cli import main; main(prog_name='gpucap')"],
                        capture_output=True, text=True, cwd=REPO, env=env, timeout=60, check=False)
     assert "plain,demo\n" in p.stdout and "plain,demo-lost-gpu\n" in p.stdout and "mig" not in p.stdout
+
+
+def test_an_installed_gpucap_finds_the_playgrounds_alert_rules(tmp_path: Path) -> None:
+    """`pip install .` (not only a checkout) ships the chart's alert rules where `gpucap playground`
+    looks for them: <prefix>/share/gpucap/rules, from the wheel's data files."""
+    import importlib.util
+    import sysconfig
+    import zipfile
+
+    from agent import playground
+
+    if importlib.util.find_spec("setuptools") is None:
+        pytest.skip("setuptools is not installed here: the wheel cannot be built offline")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), str(REPO)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("gpucap-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = [n.split(".data/data/", 1)[1] for n in names if ".data/data/" in n]
+    installed = playground.RULES_CANDIDATES[1].relative_to(sysconfig.get_path("data")).as_posix()
+    assert installed in shipped, shipped
+    assert (REPO / "deploy/helm/gpucap/rules/gpucap-alerts.yaml").read_bytes() == \
+        zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("share/gpucap/rules/gpucap-alerts.yaml")))
