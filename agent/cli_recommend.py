@@ -218,6 +218,7 @@ def render(recs: Sequence[Recommendation], fmt: str, source: str = "", settings:
         try:
             from agent.report_html import render_html
         except ImportError as e:
-            _fail(f"--format html needs the report extra (pip install 'gpucap[report]'): {e}", 2)
+            _fail(f"--format html needs the report extra, matplotlib (pip install 'gpucap[report]', or "
+                  f"'.[report]' in a checkout): {e}", 2)
         return render_html(recs, source=source, summary=summary(recs))
     return to_table(recs, wide)

@@ -339,7 +339,10 @@ def decide(w: _Workload, start: float, end: float, s: Settings, prices: Prices,
 
 
 def _f(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}"
+    """Ratios with two decimals; counts (a queue of 1.5 million requests) as whole numbers."""
+    if x is None:
+        return "n/a"
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.2f}"
 
 
 def _r(x: float | None) -> float | None:

@@ -17,6 +17,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 Row = tuple[tuple[tuple[str, str], ...], str, str, float]
+EMPTY_RETRY_S = 600.0
 
 
 class LiveRightsizing:
@@ -35,8 +36,10 @@ class LiveRightsizing:
 
     def __call__(self, state: Any) -> None:
         """`on_state` hook: start a recomputation when one is due and none is running."""
-        # due by the monotonic clock: a wall clock stepped back must not stall the metric
-        if self.computed_at is not None and state.mono - self.computed_at < self.refresh:
+        # due by the monotonic clock (a wall clock stepped back must not stall the metric); while there
+        # is no result yet (a new ledger), tried again every 10 minutes instead of every refresh
+        every = self.refresh if self.latest else min(self.refresh, EMPTY_RETRY_S)
+        if self.computed_at is not None and state.mono - self.computed_at < every:
             return
         if not self._running.acquire(blocking=False):
             return

@@ -209,6 +209,10 @@ def test_a_workload_on_two_nodes_is_one_row() -> None:
 
 def test_columns_are_the_design_columns_in_order() -> None:
     assert list(_one(_minutes("x")).row()) == list(COLUMNS)
+    # the README points planners at docs/recommend.md for the CSV's exact columns
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "recommend.md").read_text()
+    listed = re.search(r"\(CSV header, JSON `columns`\):\n\n(.+)\n", doc)
+    assert listed and re.findall(r"`(\w+)`", listed.group(1)) == list(COLUMNS)
 
 
 # ------------------------------------------------------------------------------ the demo node

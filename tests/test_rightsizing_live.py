@@ -65,7 +65,7 @@ def test_a_broken_ledger_keeps_the_last_result(tmp_path: Path) -> None:
 
 def test_a_running_agent_serves_the_metric_from_its_ledger(tmp_path: Path) -> None:
     cfg = tmp_path / "gpucap.yaml"
-    cfg.write_text("recommend:\n  refresh: 10m\n  window: 1h\n")
+    cfg.write_text("recommend:\n  window: 1h\n")  # the default hourly refresh; a new ledger is retried every 10m
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-c", "from agent.cli import main; main()", "run", "--simulate", "demo", "--speed", "600",
