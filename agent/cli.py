@@ -358,11 +358,17 @@ def playground(speed: float, port: int, scenarios_: tuple[str, ...], prometheus_
 @main.command()
 def scenarios() -> None:
     """List the built-in simulated scenarios."""
+    from agent.tables import Column, Out, table
     from collectors.simulated.scenario import builtin_names, load_scenario
 
+    out = Out.detect()
+    rows = []
     for name in builtin_names():
         sc = load_scenario(name)
-        click.echo(f"{name:15s} {len(sc.gpus):2d}x {sc.model.key:14s} {sc.description}")
+        rows.append([name, f"{len(sc.gpus)}x {sc.model.key}", sc.description])
+    # the description wraps under its column instead of running past the terminal's edge
+    out.add(table([Column("SCENARIO"), Column("GPUS"), Column("DESCRIPTION", wrap=True)], rows, width=out.width))
+    click.echo(out.render(), nl=False)
 
 
 @main.command("check-config")
@@ -370,8 +376,8 @@ def scenarios() -> None:
 def check_config(path: str) -> None:
     """Validate a config file: exit 0 if good, 2 with the file, key and expectation if not."""
     cfg = _config(path)
-    click.echo(f"{path}: ok (node {cfg.node_name or '$NODE_NAME, else the hostname'}, listen {cfg.listen}, "
-               f"idle threshold {cfg.idle.threshold:g} for {cfg.idle.window:g}s)")
+    click.echo(f"{path}: ok\n  node {cfg.node_name or '$NODE_NAME, else the hostname'}, listen {cfg.listen}, "
+               f"idle threshold {cfg.idle.threshold:g} for {cfg.idle.window:g}s")
 
 
 @main.command("check-scenario")

@@ -92,6 +92,7 @@ class Column:
     justify: str = "left"  # left | right
     shrink: bool = False  # may be cut with an ellipsis when the terminal is narrow (names, not numbers)
     min_width: int | None = None
+    wrap: bool = False  # prose: takes what the other columns leave and wraps onto more lines
 
 
 def table(columns: Sequence[Column], rows: Sequence[Sequence[str | Text]], *, headers: bool = True,
@@ -113,11 +114,15 @@ def table(columns: Sequence[Column], rows: Sequence[Sequence[str | Text]], *, he
         total_extra = sum(extra.values()) or 1
         for i in flexible:
             widths[i] = floor[i] + (spare * extra[i]) // total_extra
+    for i, c in enumerate(columns):
+        if c.wrap:
+            others = sum(w for j, w in enumerate(widths) if j != i) + gap * (len(columns) - 1)
+            widths[i] = min(natural[i], max(c.min_width or 20, width - others))
     t = Table(box=None, show_header=headers, header_style="bold", pad_edge=False, padding=(0, gap, 0, 0),
               show_edge=False, expand=False, collapse_padding=True)
     for i, c in enumerate(columns):
-        t.add_column(c.header, justify=c.justify, no_wrap=True,  # type: ignore[arg-type]
-                     overflow="ellipsis", width=max(1, widths[i]))
+        t.add_column(c.header, justify=c.justify, no_wrap=not c.wrap,  # type: ignore[arg-type]
+                     overflow="fold" if c.wrap else "ellipsis", width=max(1, widths[i]))
     for r in rows:
         t.add_row(*r)
     return t
