@@ -101,6 +101,15 @@ def _tools(line: str) -> list[str]:
 def _start_server(line: str, workdir: Path) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(["bash", "-c", f"exec {line}"], cwd=workdir, env=_env(workdir), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return _wait_server(proc, line)
+    except BaseException:  # a server that did not come up must not outlive the test (nor hold its port)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        raise
+
+
+def _wait_server(proc: subprocess.Popen[str], line: str) -> tuple[subprocess.Popen[str], str]:
     deadline = time.monotonic() + 90
     if "playground" in line:
         seen = ""
@@ -108,7 +117,7 @@ def _start_server(line: str, workdir: Path) -> tuple[subprocess.Popen[str], str]
             seen += proc.stdout.readline()  # type: ignore[union-attr]
             if proc.poll() is not None:
                 break
-        url = re.search(r"(http://\S+)/alerts", seen)
+        url = re.search(r"(http://[^/\s]+)\S*/alerts", seen)  # /alerts or /classic/alerts
         assert url, f"{line}: no URLs printed\n{seen}"
         probe = url.group(1) + "/-/ready"
     else:
