@@ -203,8 +203,13 @@ def to_table(recs: Sequence[Recommendation], wide: bool = False, out: Any = None
                  f"${s['monthly_savings_dollars']:,.0f}/month of savings available"
                  + (f"; scaling up adds ${s['scale_up_monthly_cost_dollars']:,.0f}/month"
                     if s["scale_up_monthly_cost_dollars"] else "") + " (730 h a month)."))
+    import textwrap
+
+    wrap = None if wide else max(40, out.width)
     for r in recs:
-        out.add(Text(f"  {r.namespace}/{r.workload}: {r.reason}"))
+        line = f"  {r.namespace}/{r.workload}: {r.reason}"
+        # a hanging indent: each reason reads as one item, not as lines that start at the margin
+        out.add(Text(line if wrap is None else textwrap.fill(line, wrap, subsequent_indent="      ")))
     return out.render()
 
 
