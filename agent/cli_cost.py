@@ -132,12 +132,15 @@ def _progress(total: float, label: str = "simulating") -> Any:
               type=click.Choice(["table", "csv", "json", "focus"]), default="table", show_default=True)
 @click.option("--output", "output", envvar="GPUCAP_OUTPUT", show_envvar=True, type=click.Path(dir_okay=False),
               default=None, help="Write to this file instead of standard output.")
+@click.option("--sort", type=click.Choice(["total", "name", "idle"]), default="total", show_default=True,
+              help="Table: order of the rows (most dollars, the --by name, or most idle reserved dollars).")
+@click.option("--no-headers", is_flag=True, help="Table: only the rows, no header, totals or budgets (for awk).")
 @click.option("--config", "config_path", envvar="GPUCAP_CONFIG", show_envvar=True, type=click.Path(dir_okay=False))
 @click.option("--start", "start", type=float, default=None, hidden=True,
               help="With --simulate: the simulated clock's start (Unix seconds), for reproducible output.")
 def cost(history_path: str | None, simulate: str | None, prometheus_url: str | None, window: float | None,
-         month: str | None, by: str, fmt: str, output: str | None, config_path: str | None,
-         start: float | None) -> None:
+         month: str | None, by: str, fmt: str, output: str | None, sort: str, no_headers: bool,
+         config_path: str | None, start: float | None) -> None:
     """GPU spend split into active, idle reserved, lost, unknown and unallocated; reconciles to the cent."""
     check_sources(history_path, simulate, prometheus_url)
     if window is not None and month is not None:
@@ -175,7 +178,7 @@ def cost(history_path: str | None, simulate: str | None, prometheus_url: str | N
         budgets = getattr(getattr(config, "cost", None), "budgets", None)
         if budgets and not isinstance(report, str) and fmt in ("table", "json"):
             budget = _budget(report, budgets, prometheus_url, history_path, simulate)
-        text = report if isinstance(report, str) else _render(report, fmt, config, budget)
+        text = report if isinstance(report, str) else _render(report, fmt, config, budget, sort, not no_headers)
     finally:
         if tmp is not None:
             import shutil
@@ -255,7 +258,8 @@ def _budget(report: Any, budgets: Any, prometheus_url: str | None, history_path:
     return budget_status(report, budgets)
 
 
-def _render(report: Any, fmt: str, config: Any, budget: Any = None) -> str:
+def _render(report: Any, fmt: str, config: Any, budget: Any = None, sort: str = "total",
+            headers: bool = True) -> str:
     if fmt == "json":
         data = report.to_json()
         if budget is not None:
@@ -265,8 +269,8 @@ def _render(report: Any, fmt: str, config: Any, budget: Any = None) -> str:
         return to_csv(report)
     if fmt == "focus":
         raise click.UsageError("--format focus needs a ledger (--history or --simulate), not --prometheus")
-    text = to_table(report)
-    if budget is not None:
+    text = to_table(report, sort=sort, headers=headers)
+    if budget is not None and headers:
         from agent.budgets import render_budget
 
         text += "\n" + "\n".join(render_budget(budget)) + "\n"

@@ -30,6 +30,10 @@ from agent.recommend import COLUMNS, Prices, Recommendation, Settings, settings_
 MAX_WINDOW = 90 * 86400.0
 
 
+FILTER_KEYS = ("team", "namespace", "action", "workload", "node")
+SORTS = ("savings", "cost", "workload", "team", "confidence", "action")
+
+
 @click.command()
 @click.option("--history", "history_path", envvar="GPUCAP_HISTORY", show_envvar=True,
               type=click.Path(dir_okay=False),
@@ -47,14 +51,27 @@ MAX_WINDOW = 90 * 86400.0
 @click.option("--output", "output", envvar="GPUCAP_OUTPUT", show_envvar=True, type=click.Path(dir_okay=False),
               default=None, help="Write to this file instead of standard output.")
 @click.option("--wide", "-w", is_flag=True, envvar="GPUCAP_WIDE", help="Table: every column, never cut.")
+@click.option("--no-headers", is_flag=True, help="Table: only the workload rows, no header, summary or reasons.")
+@click.option("--sort", type=click.Choice(SORTS), default="savings", show_default=True,
+              help="Order of the workloads (every format).")
+@click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE",
+              help="Only workloads with team=, namespace=, action=, workload= or node= (repeatable; the same "
+              "key twice means either; every format).")
 @click.option("--config", "config_path", envvar="GPUCAP_CONFIG", show_envvar=True, type=click.Path(dir_okay=False))
 @click.option("--start", "start", type=float, default=None, hidden=True,
               help="With --simulate: the simulated clock's start (Unix seconds), for reproducible output.")
 def recommend(history_path: str | None, simulate: str | None, prometheus_url: str | None, window: float,
-              fmt: str, output: str | None, wide: bool, config_path: str | None, start: float | None) -> None:
+              fmt: str, output: str | None, wide: bool, no_headers: bool, sort: str, filters: tuple[str, ...],
+              config_path: str | None, start: float | None) -> None:
     """Per workload: release, downsize to a MIG slice or a cheaper GPU, consolidate, scale up or keep,
     with the target, the monthly savings and the confidence."""
+    from agent.report import parse_filters
+
     check_sources(history_path, simulate, prometheus_url)
+    try:
+        chosen = parse_filters(filters, FILTER_KEYS)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--filter") from None
     if window > MAX_WINDOW:
         raise click.BadParameter(f"expected at most 90d, got {window / 86400:g}d", param_hint="--window")
     if window < 3600:
@@ -84,7 +101,8 @@ def recommend(history_path: str | None, simulate: str | None, prometheus_url: st
             else:
                 source = f"ledger {history_path}"
             recs = _from_ledger(str(history_path), window, settings, prices, html)
-        text = render(recs, fmt, source=source, settings=settings, wide=wide)
+        recs = select(recs, chosen, sort)
+        text = render(recs, fmt, source=source, settings=settings, wide=wide, headers=not no_headers)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -170,7 +188,7 @@ _NARROW = 120  # below this many columns the table leaves out P95, MEM PEAK and 
 _ACTION_STYLE = {"release": "idle_reserved", "scale_up": "saturated"}
 
 
-def to_table(recs: Sequence[Recommendation], wide: bool = False, out: Any = None) -> str:
+def to_table(recs: Sequence[Recommendation], wide: bool = False, out: Any = None, headers: bool = True) -> str:
     """The workloads, the summary and one reason per workload, fitted to the terminal (agent/tables.py);
     names are cut with an ellipsis, numbers never; `--wide` shows every column at any width."""
     from rich.text import Text
@@ -196,7 +214,9 @@ def to_table(recs: Sequence[Recommendation], wide: bool = False, out: Any = None
                   f"{r.current_monthly_cost_dollars:,.0f}", f"{r.monthly_savings_dollars:,.0f}",
                   f"{r.confidence:.2f}"]
         rows.append(cells)
-    out.add(table(columns, rows, width=out.width))
+    out.add(table(columns, rows, width=out.width, headers=headers))
+    if not headers:  # for awk: the rows and nothing else
+        return out.render()
     s = summary(recs)
     out.text("")
     out.add(Text(f"{s['workloads']} workloads, ${s['current_monthly_cost_dollars']:,.0f}/month now; "
@@ -213,8 +233,23 @@ def to_table(recs: Sequence[Recommendation], wide: bool = False, out: Any = None
     return out.render()
 
 
+def select(recs: Sequence[Recommendation], filters: Sequence[tuple[str, str]], sort: str) -> list[Recommendation]:
+    """The workloads `--filter` keeps (a key given twice means either), in `--sort` order."""
+    wanted: dict[str, set[str]] = {}
+    for k, v in filters:
+        wanted.setdefault(k, set()).add(v.lower())
+    kept = [r for r in recs if all(str(getattr(r, k) or "").lower() in vals for k, vals in wanted.items())]
+    keys = {"savings": lambda r: (-r.monthly_savings_dollars, r.namespace, r.workload),
+            "cost": lambda r: (-r.current_monthly_cost_dollars, r.namespace, r.workload),
+            "workload": lambda r: (r.namespace, r.workload),
+            "team": lambda r: (r.team, -r.monthly_savings_dollars, r.namespace, r.workload),
+            "confidence": lambda r: (-r.confidence, -r.monthly_savings_dollars, r.namespace, r.workload),
+            "action": lambda r: (r.action, -r.monthly_savings_dollars, r.namespace, r.workload)}
+    return sorted(kept, key=keys[sort])
+
+
 def render(recs: Sequence[Recommendation], fmt: str, source: str = "", settings: Settings | None = None,
-           wide: bool = False) -> str:
+           wide: bool = False, headers: bool = True) -> str:
     if fmt == "csv":
         return to_csv(recs)
     if fmt == "json":
@@ -226,4 +261,4 @@ def render(recs: Sequence[Recommendation], fmt: str, source: str = "", settings:
             _fail(f"--format html needs the report extra, matplotlib (pip install 'gpucap[report]', or "
                   f"'.[report]' in a checkout): {e}", 2)
         return render_html(recs, source=source, summary=summary(recs))
-    return to_table(recs, wide)
+    return to_table(recs, wide, headers=headers)

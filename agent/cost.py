@@ -171,7 +171,8 @@ def _money(v: float) -> str:
     return f"${v:,.2f}"
 
 
-def to_table(report: CostReport, now: float | None = None, out: Any = None) -> str:
+def to_table(report: CostReport, now: float | None = None, out: Any = None, sort: str = "total",
+             headers: bool = True) -> str:
     """Per team (or the first --by key): GPU-hours and dollars by state; the node's unallocated dollars;
     observed and unobserved hours. Fits the terminal (agent/tables.py: COLUMNS, else the TTY, else
     80; names are cut, money never), colour for idle reserved, lost and unknown dollars on a TTY."""
@@ -188,12 +189,16 @@ def to_table(report: CostReport, now: float | None = None, out: Any = None) -> s
             name = f"(node: {r['state']})"
         per[name or "(no " + key + ")"][r["state"]] += r["cost_dollars"]
         per[name or "(no " + key + ")"]["hours"] += r["gpu_hours"]
-    out.text(f"GPU cost {_rfc3339(report.start)} .. {_rfc3339(report.end)} ({report.source})")
-    unobserved = report.window_hours - report.observed_hours
-    out.add(Text(f"observed {report.observed_hours:,.2f} h of {report.window_hours:,.2f} h"
-                 + (f" ({unobserved:,.2f} h not observed: not counted, never guessed)" if unobserved > 0.01 else "")))
-    out.text("")
-    order = sorted(per, key=lambda n: (n.startswith("(node"), -sum(v for k, v in per[n].items() if k != "hours")))
+    if headers:
+        out.text(f"GPU cost {_rfc3339(report.start)} .. {_rfc3339(report.end)} ({report.source})")
+        unobserved = report.window_hours - report.observed_hours
+        out.add(Text(f"observed {report.observed_hours:,.2f} h of {report.window_hours:,.2f} h"
+                     + (f" ({unobserved:,.2f} h not observed: not counted, never guessed)"
+                        if unobserved > 0.01 else "")))
+        out.text("")
+    orders = {"total": lambda n: -sum(v for k, v in per[n].items() if k != "hours"),
+              "idle": lambda n: -per[n]["idle_reserved"], "name": lambda n: n}
+    order = sorted(per, key=lambda n: (n.startswith("(node"), orders[sort](n), n))
     rows = []
     for name in order:
         v = per[name]
@@ -205,7 +210,9 @@ def to_table(report: CostReport, now: float | None = None, out: Any = None) -> s
         rows.append(cells)
     columns = [Column(key.upper(), shrink=True, min_width=12)] + [
         Column(h, justify="right") for h in ("GPU-H", "ACTIVE", "IDLE RSV", "LOST", "UNKNOWN", "TOTAL")]
-    out.add(table(columns, rows, width=out.width))
+    out.add(table(columns, rows, width=out.width, headers=headers))
+    if not headers:
+        return out.render()
     s = report.by_state()
     out.text("")
     out.add(Text(f"total {_money(report.total_dollars)} = node price × observed hours {_money(report.node_dollars)}"))

@@ -200,18 +200,18 @@ class TableOptions:
     filters: tuple[tuple[str, str], ...] = ()  # (key, value); same key: any value; keys: all
 
 
-def parse_filters(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
+def parse_filters(values: Sequence[str], keys: Sequence[str] = FILTER_KEYS) -> tuple[tuple[str, str], ...]:
     """`team=research` → ("team", "research"); a bad one raises ValueError naming it and the choices."""
     out = []
     for raw in values:
         key, sep, value = raw.partition("=")
         key = key.strip().lower()
         if not sep or not value.strip():
-            raise ValueError(f"expected KEY=VALUE with KEY one of {', '.join(FILTER_KEYS)}, got {raw!r}")
-        if key not in FILTER_KEYS:
-            near = difflib.get_close_matches(key, FILTER_KEYS, n=1)
+            raise ValueError(f"expected KEY=VALUE with KEY one of {', '.join(keys)}, got {raw!r}")
+        if key not in keys:
+            near = difflib.get_close_matches(key, keys, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise ValueError(f"unknown filter key {key!r} in {raw!r}{hint}; expected one of {', '.join(FILTER_KEYS)}")
+            raise ValueError(f"unknown filter key {key!r} in {raw!r}{hint}; expected one of {', '.join(keys)}")
         value = value.strip()
         if key == "state":
             value = value.replace("-", "_").replace(" ", "_").lower()

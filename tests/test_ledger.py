@@ -296,6 +296,18 @@ def test_cost_table_reads_like_a_finops_report(tmp_path: Path) -> None:
     assert max(len(line) for line in text.splitlines()) <= 80, "CliRunner's width: 80 columns"
 
 
+def test_cost_table_sorts_and_prints_bare_rows(tmp_path: Path) -> None:
+    args = ["cost", "--simulate", "demo", "--window", "1h", "--start", str(START)]
+    bare = CliRunner().invoke(main, args + ["--no-headers", "--sort", "idle"])
+    assert bare.exit_code == 0, bare.output
+    lines = bare.output.splitlines()
+    assert lines[0].startswith("research") and lines[-1].startswith("(node: unallocated)")
+    assert not any("total" in line or "TEAM" in line for line in lines)
+    names = [line.split()[0] for line in CliRunner().invoke(main, args + ["--no-headers", "--sort", "name"]).output
+             .splitlines() if not line.startswith("(node")]
+    assert names == sorted(names)
+
+
 def test_cost_bad_input_is_a_clear_error(tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["cost", "--history", str(tmp_path / "nope.db")])
     assert r.exit_code == 2 and "no such ledger" in r.output

@@ -375,3 +375,18 @@ def test_table_fits_80_columns_and_wide_shows_every_column(demo_day: Path, monke
     wide = CliRunner().invoke(main, ["recommend", "--history", str(demo_day), "--window", "1d", "--wide"])
     head = wide.output.splitlines()[0].split()
     assert head[:4] == ["WORKLOAD", "GPUS", "P95", "MEM"] and "…" not in wide.output
+
+
+def test_filter_sort_and_no_headers(demo_day: Path) -> None:
+    base = ["recommend", "--history", str(demo_day), "--window", "1d"]
+    rows = CliRunner().invoke(main, base + ["--filter", "team=ml-platform", "--sort", "workload", "--no-headers"])
+    assert rows.exit_code == 0, rows.output
+    lines = rows.output.splitlines()
+    assert [line.split()[0] for line in lines] == ["serving/assist-llama-1b", "serving/chat-llama-70b"]
+    csv_rows = _csv(CliRunner().invoke(main, base + ["--filter", "action=release", "--format", "csv"]).output)
+    assert [r["workload"] for r in csv_rows] == ["notebook-alice"]  # filters apply to every format
+    by_cost = _csv(CliRunner().invoke(main, base + ["--sort", "cost", "--format", "csv"]).output)
+    costs = [float(r["current_monthly_cost_dollars"]) for r in by_cost]
+    assert costs == sorted(costs, reverse=True) and by_cost[0]["workload"] == "finetune-llama-8b"
+    bad = CliRunner().invoke(main, base + ["--filter", "tem=research"])
+    assert bad.exit_code == 2 and "did you mean 'team'" in bad.output
