@@ -64,12 +64,23 @@ def simulated_ledger(history_path: str | None, prefix: str) -> tuple[str, str | 
 def fill_simulated_ledger(config: Any, scenario: str, seconds: float, path: str, start: float | None) -> None:
     """Fill a new ledger at `path` by simulation; only a complete run appears there (an interrupted or
     failed one leaves nothing that a later `--history` would read as a short week)."""
+    import sqlite3
+
     partial = path + ".partial"
     for leftover in (partial, partial + "-wal", partial + "-shm"):
         if os.path.exists(leftover):
             os.remove(leftover)
     try:
         fill_simulated_history(config, scenario, seconds, partial, start)
+        # every committed minute into the file itself before it moves (a WAL left behind would be lost)
+        conn = sqlite3.connect(partial)
+        try:
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            conn.close()
+        wal = partial + "-wal"
+        if busy or (os.path.exists(wal) and os.path.getsize(wal) > 0):
+            _fail(f"{path}: the simulated ledger could not be completed (its write-ahead log is still busy)", 1)
         os.replace(partial, path)
     finally:
         for leftover in (partial, partial + "-wal", partial + "-shm"):

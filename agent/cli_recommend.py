@@ -69,7 +69,7 @@ def recommend(history_path: str | None, simulate: str | None, prometheus_url: st
 
     check_sources(history_path, simulate, prometheus_url)
     try:
-        chosen = parse_filters(filters, FILTER_KEYS)
+        chosen = _actions_checked(parse_filters(filters, FILTER_KEYS))
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--filter") from None
     if window > MAX_WINDOW:
@@ -233,12 +233,31 @@ def to_table(recs: Sequence[Recommendation], wide: bool = False, out: Any = None
     return out.render()
 
 
+def _actions_checked(filters: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """`action=scale-up` means scale_up; an action that does not exist is an error, not an empty list."""
+    from agent.recommend import ACTIONS
+
+    out = []
+    for k, v in filters:
+        if k == "action":
+            v = v.replace("-", "_").lower()
+            if v not in ACTIONS:
+                raise ValueError(f"unknown action {v!r}; expected one of {', '.join(ACTIONS)}")
+        out.append((k, v))
+    return tuple(out)
+
+
 def select(recs: Sequence[Recommendation], filters: Sequence[tuple[str, str]], sort: str) -> list[Recommendation]:
     """The workloads `--filter` keeps (a key given twice means either), in `--sort` order."""
     wanted: dict[str, set[str]] = {}
     for k, v in filters:
         wanted.setdefault(k, set()).add(v.lower())
-    kept = [r for r in recs if all(str(getattr(r, k) or "").lower() in vals for k, vals in wanted.items())]
+
+    def values(r: Recommendation, k: str) -> set[str]:
+        v = str(getattr(r, k) or "").lower()
+        return set(v.split(",")) if k == "node" else {v}  # a workload on several nodes lists them all
+
+    kept = [r for r in recs if all(values(r, k) & vals for k, vals in wanted.items())]
     keys = {"savings": lambda r: (-r.monthly_savings_dollars, r.namespace, r.workload),
             "cost": lambda r: (-r.current_monthly_cost_dollars, r.namespace, r.workload),
             "workload": lambda r: (r.namespace, r.workload),

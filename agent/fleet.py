@@ -171,7 +171,10 @@ _UNIT_QUERIES = {
     "act_max": "max_over_time(gpucap_unit_activity_ratio{$NODE}[60s])",
     "act_samples": "count_over_time(gpucap_unit_activity_ratio{$NODE}[60s])",
 }
-_PRICE_QUERY = "max_over_time(gpucap_gpu_hourly_price_dollars{$NODE}[60s])"
+# one series per unit (HA Prometheus pairs, two scrape jobs or an agent restart give a unit several):
+# the per-GPU sum of prices must count each unit once
+_PRICE_QUERY = ("max by (uuid, gpu, gpu_instance, mig_profile, model, instance_type) "
+                "(max_over_time(gpucap_gpu_hourly_price_dollars{$NODE}[60s]))")
 _DEVICE_MEMORY = "max_over_time(gpucap_gpu_memory_used_bytes{$NODE}[60s])"
 _CONTAINER_MEMORY = "max_over_time(gpucap_container_gpu_memory_used_bytes{$NODE}[60s])"  # time-sliced GPUs
 _SERVER_QUERIES = {

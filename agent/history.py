@@ -514,6 +514,8 @@ class HistoryWriter:
             self._ret_ref = min(float(newest), float(row[0]) + 3600.0) if row[0] is not None else float(newest)
             self._ret_last = float(newest)
         else:
+            if newest < self._ret_last:  # the wall clock was set back (a jump ahead corrected)
+                self._ret_last = float(newest)
             recorded = 60.0 * sum(1 for m in minutes if m > self._ret_last)
             self._ret_ref = min(float(newest), self._ret_ref + max(recorded, mono - self._ret_mono))
             self._ret_last = max(self._ret_last, float(newest))

@@ -11,6 +11,7 @@ only; 0 picks a free one.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -26,8 +27,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 # In a checkout (and an editable install) the chart's own file; `pip install .` ships the same file
 # as data under <prefix>/share/gpucap/rules (pyproject.toml: tool.setuptools.data-files).
+def _data_dirs() -> list[Path]:
+    """Where pip puts data files: the environment's prefix, and the user's (`pip install --user`)."""
+    out = [Path(sysconfig.get_path("data"))]
+    try:
+        out.append(Path(sysconfig.get_path("data", f"{os.name}_user")))
+    except KeyError:
+        pass
+    return out
+
+
 RULES_CANDIDATES = (REPO / "deploy" / "helm" / "gpucap" / "rules" / "gpucap-alerts.yaml",
-                    Path(sysconfig.get_path("data")) / "share" / "gpucap" / "rules" / "gpucap-alerts.yaml")
+                    *(d / "share" / "gpucap" / "rules" / "gpucap-alerts.yaml" for d in _data_dirs()))
 RULES = next((p for p in RULES_CANDIDATES if p.is_file()), RULES_CANDIDATES[0])
 NODES = ("playground-node-a", "playground-node-b")
 # Sources read once a simulated minute: at 120x that is twice a second, which a laptop keeps up with

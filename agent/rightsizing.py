@@ -5,7 +5,8 @@ workload, recomputed from the node's own ledger every `recommend.refresh` (defau
 The computation reads up to a week of minutes, so it never runs on the scrape or evaluation path: an
 evaluation that finds it due starts it on a daemon thread and goes on; scrapes serve the last
 result. Until the first result (and with no ledger) the family is empty, never a guess. A failure
-is logged once per cause and the previous result is kept until the next try.
+is logged once per cause and the previous result is kept until the next try. While the ledger is
+younger than the window and has no result yet, it is tried every 10 minutes instead of every refresh.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class LiveRightsizing:
         self.prices = Prices.from_pricing(config.pricing)
         self.latest: tuple[Row, ...] = ()
         self.computed_at: float | None = None  # the monotonic time of the last attempt
+        self._first: float | None = None  # the monotonic time of the first state seen
         self._running = threading.Lock()
         self._last_error = ""
 
@@ -38,7 +40,10 @@ class LiveRightsizing:
         """`on_state` hook: start a recomputation when one is due and none is running."""
         # due by the monotonic clock (a wall clock stepped back must not stall the metric); while there
         # is no result yet (a new ledger), tried again every 10 minutes instead of every refresh
-        every = self.refresh if self.latest else min(self.refresh, EMPTY_RETRY_S)
+        if self._first is None:
+            self._first = state.mono
+        young = state.mono - self._first < self.window  # the ledger is still filling its first window
+        every = self.refresh if self.latest or not young else min(self.refresh, EMPTY_RETRY_S)
         if self.computed_at is not None and state.mono - self.computed_at < every:
             return
         if not self._running.acquire(blocking=False):

@@ -80,6 +80,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
         sc["faults"] = list(sc.get("faults") or []) + [{"kind": "source_down", "source": "nvml", "at": "2h",
                                                          "until": "150m"}]
         _record(f, node, write_scenario(f.root, f"{scenario}-outage", sc))
+    # an HA pair of Prometheus servers (or two scrape jobs) gives every unit a second price series:
+    # the fleet must count each unit once in its GPU's price
+    price = f.samples["gpucap_gpu_hourly_price_dollars"]
+    price += [line.replace("{", '{replica="b",', 1) for line in price]
     return f
 
 

@@ -390,3 +390,15 @@ def test_filter_sort_and_no_headers(demo_day: Path) -> None:
     assert costs == sorted(costs, reverse=True) and by_cost[0]["workload"] == "finetune-llama-8b"
     bad = CliRunner().invoke(main, base + ["--filter", "tem=research"])
     assert bad.exit_code == 2 and "did you mean 'team'" in bad.output
+
+
+def test_filter_node_matches_a_workload_on_several_nodes_and_actions_are_checked() -> None:
+    from agent.cli_recommend import _actions_checked, select
+
+    two = _one(list(_minutes("spread", units=2, pods=2)))
+    two = type(two)(**{**{f: getattr(two, f) for f in two.__dataclass_fields__}, "node": "node-a,node-b"})
+    assert select([two], [("node", "node-b")], "savings") == [two]
+    assert select([two], [("node", "node-c")], "savings") == []
+    assert _actions_checked([("action", "scale-up")]) == (("action", "scale_up"),)
+    with pytest.raises(ValueError, match="unknown action"):
+        _actions_checked([("action", "shrink")])

@@ -591,3 +591,28 @@ def test_a_device_freed_by_an_ended_pod_goes_to_a_pod_that_starts_later(tmp_path
             (unit,) = st.units
             holders.append(unit.row.allocations[0].owner.pod if unit.row.allocations else "")
     assert holders == ["job-0", "job-1", "job-2"]
+
+
+def test_a_device_is_never_given_to_a_pod_that_starts_before_its_holder_ends(tmp_path: Path) -> None:
+    """Listed out of time order: job-b (5-8 min) comes after a pod starting at 20 min. The GPU job-a
+    holds until 10 min is not free for job-b, so the node is refused, never doubly allocated."""
+    from collectors.schema import InputError
+    from collectors.simulated.scenario import load_scenario
+    from tests.helpers import write_scenario
+
+    def pod(name: str, start: int, end: int | None, gpus: int) -> dict:
+        p = {"namespace": "batch", "name": name, "start": start,
+             "containers": [{"name": "main", "gpus": gpus, "load": {"pattern": "constant", "level": 0.5}}]}
+        if end is not None:
+            p["end"] = end
+        return p
+
+    sc = {"node": {"name": "n1", "labels": {"node.kubernetes.io/instance-type": "p5.48xlarge"}},
+          "gpus": {"model": "H100-SXM-80GB", "count": 2},
+          "pods": [pod("job-a", 0, 600, 1), pod("server", 0, None, 1), pod("cpu-only", 1200, None, 0),
+                   pod("job-b", 300, 480, 1)]}
+    with pytest.raises(InputError) as e:
+        load_scenario(write_scenario(tmp_path, "overlap", sc))
+    assert "pods[3].containers[0].gpus" in str(e.value) and "when it starts (300s)" in str(e.value)
+    sc["pods"][3] = pod("job-b", 600, 900, 1)  # once job-a has ended, its GPU is job-b's
+    assert load_scenario(write_scenario(tmp_path, "after", sc))

@@ -64,6 +64,10 @@ def _pinned_shares(sc: Scenario) -> dict[tuple[int, int], list[tuple[int, int]]]
     return out
 
 
+def _at(pod: PodSpec) -> str:
+    return f" when it starts ({pod.start:g}s)" if pod.start else ""
+
+
 def allocate(sc: Scenario) -> tuple[SimAllocation, ...]:
     """Pinned shares first, then first-fit like the device plugin; an impossible request is a scenario error.
 
@@ -79,23 +83,31 @@ def allocate(sc: Scenario) -> tuple[SimAllocation, ...]:
     free_replicas.sort()
     free_mig = [(g.index, j, m.profile) for g in sc.gpus if g.mig for j, m in enumerate(g.mig)]
     out = []
-    # A pod that has ended gives its devices back to pods that start after it (a churning node):
-    # they go to the end of the free lists, so devices never used are handed out first (a scenario
-    # without lifetimes allocates exactly as before).
-    ending: list[tuple[float, str, Any]] = []  # (end, pool, device) of pods with an end
+    # A pod that ends gives its devices back at once, each marked free from the pod's end: only a pod
+    # that starts at or after that time may take it (a churning node), whatever their order in the
+    # file. A scenario without lifetimes allocates exactly as before (first fit in device order).
+    free_from: dict[tuple[str, Any], float] = {}
+
+    def take(pool: str, items: list[Any], pod: PodSpec, n: int, match: Any = None) -> list[Any] | None:
+        ready = [x for x in items if (match is None or match(x)) and free_from.get((pool, x), -math.inf) <= pod.start]
+        # a device an ended pod gave back goes first (longest free first), never-used ones after:
+        # the never-used stay for pods whose time overlaps everyone's (packing, as a scheduler would)
+        ready.sort(key=lambda x: (0, free_from[(pool, x)]) if (pool, x) in free_from else (1, 0.0))
+        free_now[0] = len(ready)
+        if len(ready) < n:
+            return None
+        for x in ready[:n]:
+            items.remove(x)
+        return ready[:n]
+
+    free_now = [0]  # what the last `take` found free at its pod's start (for the error message)
+
+    def give_back(pool: str, items: list[Any], pod: PodSpec, token: Any) -> None:
+        if pod.end is not None:
+            items.append(token)
+            free_from[(pool, token)] = pod.end
+
     for pi, pod in enumerate(sc.pods):
-        if ending:
-            still = []
-            for end, pool, dev in ending:
-                if end > pod.start:
-                    still.append((end, pool, dev))
-                elif pool == "mig":
-                    free_mig.append(dev)
-                elif pool == "full":
-                    free_full.append(dev)
-                else:
-                    free_replicas.append(dev)
-            ending = still
         for ci, c in enumerate(pod.containers):
             where = f"pods[{pi}].containers[{ci}]"
             pid = 1000 + zlib.crc32(f"{pod.uid}/{c.name}".encode()) % 4_000_000
@@ -104,42 +116,38 @@ def allocate(sc: Scenario) -> tuple[SimAllocation, ...]:
                 out.append(SimAllocation(pod, c, sc.shared_resource, dev, gi, None, rep, pid))
             if c.devices:
                 for d in c.devices:
-                    if d >= len(sc.gpus) or sc.gpus[d].mig is not None or d not in free_full:
+                    if d >= len(sc.gpus) or sc.gpus[d].mig is not None or \
+                            take("full", free_full, pod, 1, lambda x, d=d: x == d) is None:
                         raise InputError(sc.path, f"{where}.devices", "free full GPUs of this node", d)
-                    free_full.remove(d)
                     free_replicas = [fr for fr in free_replicas if fr[0] != d]
                     out.append(SimAllocation(pod, c, "nvidia.com/gpu", sc.gpus[d].uuid, d, None, None, pid))
             elif c.gpus:
                 if sc.replicas > 1:
-                    if len(free_replicas) < c.gpus:
-                        raise InputError(sc.path, f"{where}.gpus", f"at most {len(free_replicas)} free shares", c.gpus)
-                    for _ in range(c.gpus):
-                        gi, rep = free_replicas.pop(0)
+                    got = take("share", free_replicas, pod, c.gpus)
+                    if got is None:
+                        raise InputError(sc.path, f"{where}.gpus", f"at most {free_now[0]} free shares{_at(pod)}", c.gpus)
+                    for gi, rep in got:
                         if gi in free_full:
                             free_full.remove(gi)  # a shared GPU is no longer free as a whole
                         dev = f"{sc.gpus[gi].uuid}::{rep}"
                         out.append(SimAllocation(pod, c, sc.shared_resource, dev, gi, None, rep, pid))
-                        if pod.end is not None:
-                            ending.append((pod.end, "share", (gi, rep)))
+                        give_back("share", free_replicas, pod, (gi, rep))
                 else:
-                    if len(free_full) < c.gpus:
-                        raise InputError(sc.path, f"{where}.gpus", f"at most {len(free_full)} free GPUs", c.gpus)
-                    for _ in range(c.gpus):
-                        gi = free_full.pop(0)
+                    got = take("full", free_full, pod, c.gpus)
+                    if got is None:
+                        raise InputError(sc.path, f"{where}.gpus", f"at most {free_now[0]} free GPUs{_at(pod)}", c.gpus)
+                    for gi in got:
                         out.append(SimAllocation(pod, c, "nvidia.com/gpu", sc.gpus[gi].uuid, gi, None, None, pid))
-                        if pod.end is not None:
-                            ending.append((pod.end, "full", gi))
+                        give_back("full", free_full, pod, gi)
             for prof, n in c.mig:
-                for _ in range(n):
-                    slot = next((s for s in free_mig if s[2] == prof), None)
-                    if slot is None:
-                        raise InputError(sc.path, f"{where}.mig.{prof}", f"a free {prof} MIG instance on this node", n)
-                    free_mig.remove(slot)
+                got = take("mig", free_mig, pod, n, lambda x, prof=prof: x[2] == prof)
+                if got is None:
+                    raise InputError(sc.path, f"{where}.mig.{prof}", f"a free {prof} MIG instance on this node{_at(pod)}", n)
+                for slot in got:
                     gi, j, _ = slot
                     mig = sc.gpus[gi].mig[j]  # type: ignore[index]
                     out.append(SimAllocation(pod, c, f"nvidia.com/mig-{prof}", mig.uuid, gi, j, None, pid))
-                    if pod.end is not None:
-                        ending.append((pod.end, "mig", slot))
+                    give_back("mig", free_mig, pod, slot)
     return tuple(out)
 
 
