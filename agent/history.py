@@ -330,8 +330,12 @@ def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0, check_same_thread=False)
     else:
         conn = sqlite3.connect(path, timeout=5.0, check_same_thread=False)
+        # before WAL: a new file's header fixes auto_vacuum when the journal mode is first written, and
+        # without it the file never shrinks below its largest size (the size bound counts used pages)
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")  # the WAL is cut back after checkpoints
     return conn
 
 
@@ -359,7 +363,6 @@ def open_store(path: str) -> sqlite3.Connection:
 
 
 def _prepare(conn: sqlite3.Connection) -> None:
-    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
     check = conn.execute("PRAGMA quick_check").fetchone()
     if check is None or check[0] != "ok":
         raise sqlite3.DatabaseError(f"quick_check: {check[0] if check else 'no answer'} (database disk image is "
@@ -377,7 +380,17 @@ def _prepare(conn: sqlite3.Connection) -> None:
         version += 1
         conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(version),))
     conn.commit()
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 0:
+        # a ledger written before incremental vacuum was on: rewritten once, so it can shrink
+        try:
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            conn.execute("VACUUM")
+            log.info("history: converted to incremental vacuum (the file can now shrink to its size bound)")
+        except sqlite3.Error as e:  # e.g. no room for the copy VACUUM writes: keep the file as it is
+            log.warning("history: could not convert to incremental vacuum (%s); the file will not shrink", e)
 
+
+WAL_LIMIT_BYTES = 8 * 2**20  # what a checkpointed WAL file is cut back to
 
 _UPSERT_UNITS = (
     f"INSERT INTO unit_minutes ({', '.join(UNIT_COLUMNS)}) VALUES ({', '.join('?' * len(UNIT_COLUMNS))}) "
@@ -467,6 +480,7 @@ class HistoryWriter:
             self._write(batch)
             if self._queue.empty():
                 self._idle.set()
+        self._close_conn()  # the thread that uses the connection closes it (see close)
 
     def _write(self, batch: list[tuple[str, Any]]) -> None:
         try:
@@ -552,8 +566,16 @@ class HistoryWriter:
         return False
 
     def close(self, timeout: float = 1.5) -> None:
+        """Stop after what is queued is written. The writer thread closes the connection itself when
+        its loop ends: closing it from here while a long write still runs there would crash the
+        process (sqlite3 is not safe to close under a running statement); a writer still busy at
+        the deadline finishes and closes on its own (a daemon thread: a hard exit just ends it)."""
         self._stop.set()
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("history %s: still writing at shutdown; the writer closes the file when done", self.path)
+
+    def _close_conn(self) -> None:
         try:
             self._conn.close()
         except sqlite3.Error:

@@ -140,6 +140,9 @@ def test_retention_and_size_bound(tmp_path: Path) -> None:
                                                                              "page_size"))
     assert (pages - free) * size <= 400 * 1024
     assert conn.execute("SELECT count(*) FROM unit_minutes").fetchone()[0] > 0, "the newest minutes are kept"
+    # and on disk: the file gives freed pages back (incremental vacuum), the WAL is cut back
+    on_disk = sum(os.path.getsize(small + x) for x in ("", "-wal") if os.path.exists(small + x))
+    assert on_disk <= 2 * 400 * 1024, on_disk
 
 
 def test_a_forward_wall_clock_jump_does_not_wipe_the_ledger(tmp_path: Path) -> None:
