@@ -363,3 +363,24 @@ def test_minutes_before_the_owner_metadata_arrived_get_the_pods_owner(tmp_path: 
     assert {r.workload for r in recs} == {"notebook-alice", "assist-llama-1b", "chat-llama-70b", "finetune-llama-8b"}
     assert first and all((r["workload"], r["workload_kind"], r["team"]) == ("notebook-alice", "Deployment", "research")
                          for r in first)
+
+
+def test_a_ledger_that_could_not_shrink_is_converted_once_and_keeps_its_minutes(tmp_path: Path) -> None:
+    """Ledgers written before incremental vacuum was really on (auto_vacuum 0) never gave freed pages
+    back to the disk: opened again, they are rewritten once, with every minute kept."""
+    from agent.history import open_store
+
+    path = str(tmp_path / "old.db")
+    _run("demo", path, 1800)
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA auto_vacuum=NONE")
+    conn.execute("VACUUM")  # as the old code left it
+    assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
+    minutes = conn.execute("SELECT count(*) FROM unit_minutes").fetchone()[0]
+    conn.close()
+    store = open_store(path)
+    try:
+        assert store.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
+        assert store.execute("SELECT count(*) FROM unit_minutes").fetchone()[0] == minutes
+    finally:
+        store.close()
