@@ -37,6 +37,22 @@ def _scenario(tmp_path: Path, faults: list[dict]) -> str:
     return write_scenario(tmp_path, "faulty", sc)
 
 
+def _shown_isolated(during, collector: str) -> None:
+    """Still serving; the faulty source shows it (success 0 and errors by kind, or for the API server
+    the last known metadata flagged stale); every other source is unaffected."""
+    assert render(during)  # still serving
+    ok = _success(during)
+    if collector == "kubernetes":
+        # by design the last known metadata is served, flagged stale, rather than nothing
+        assert collected(during)["gpucap_kubernetes_metadata_stale"][0][1] == 1.0
+    else:
+        assert ok[collector] == 0.0
+        errors = {labels["kind"] for labels, v in collected(during)["gpucap_collector_errors_total"]
+                  if labels["collector"] == collector and v > 0}
+        assert errors, "the failure is counted by kind"
+    assert all(v == 1.0 for k, v in ok.items() if k != collector), ok  # nothing unrelated
+
+
 @pytest.mark.parametrize("source", sorted(SOURCE_COLLECTOR))
 def test_a_source_down_is_shown_isolated_and_recovers(tmp_path: Path, source: str) -> None:
     path = _scenario(tmp_path, [{"kind": "source_down", "source": source, "at": "2m", "until": "5m"}])
@@ -45,17 +61,7 @@ def test_a_source_down_is_shown_isolated_and_recovers(tmp_path: Path, source: st
         before = rt.agent.run_until(rt.clock, START + 110, 10)
         assert set(_success(before).values()) == {1.0}
         during = rt.agent.run_until(rt.clock, START + 240, 10)
-        assert render(during)  # still serving
-        ok = _success(during)
-        if collector == "kubernetes":
-            # by design the last known metadata is served, flagged stale, rather than nothing
-            assert collected(during)["gpucap_kubernetes_metadata_stale"][0][1] == 1.0
-        else:
-            assert ok[collector] == 0.0
-            errors = {labels["kind"] for labels, v in collected(during)["gpucap_collector_errors_total"]
-                      if labels["collector"] == collector and v > 0}
-            assert errors, "the failure is counted by kind"
-        assert all(v == 1.0 for k, v in ok.items() if k != collector), ok  # nothing unrelated
+        _shown_isolated(during, collector)
         after = rt.agent.run_until(rt.clock, START + 8 * 60, 10)
         assert _success(after)[collector] == 1.0  # recovered, nobody restarted anything
         assert collected(after)["gpucap_kubernetes_metadata_stale"][0][1] == 0.0
@@ -86,18 +92,10 @@ def test_a_misbehaving_server_is_shown_isolated_and_recovers(fault: str) -> None
         assert set(_success(before).values()) == {1.0}
         set_fault(rt)
         during = rt.agent.run_until(rt.clock, START + 240, 10)
-        assert render(during)  # still serving
-        ok = _success(during)
+        _shown_isolated(during, collector)
         if collector == "kubernetes":
-            assert collected(during)["gpucap_kubernetes_metadata_stale"][0][1] == 1.0
             owners = {l["workload"] for l, _ in collected(during)["gpucap_pod_info"]}
             assert "notebook-alice" in owners, "the last known metadata is served"
-        else:
-            assert ok[collector] == 0.0
-            errors = {l["kind"] for l, v in collected(during)["gpucap_collector_errors_total"]
-                      if l["collector"] == collector and v > 0}
-            assert errors, "the failure is counted by kind"
-        assert all(v == 1.0 for k, v in ok.items() if k != collector), ok  # nothing unrelated
         assert len([v for _, v in collected(during)["gpucap_gpu_up"] if v == 1.0]) == 8
         clear(rt)
         after = rt.agent.run_until(rt.clock, START + 8 * 60, 10)
