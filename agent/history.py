@@ -616,6 +616,7 @@ class History:
             raise FileNotFoundError(path)
         self.path = path
         self.conn = _connect(path, readonly=True)
+        self._owner_cache: dict[float, dict[tuple[str, str], tuple[str, str, str, str]]] = {}
 
     def close(self) -> None:
         self.conn.close()
@@ -637,10 +638,15 @@ class History:
     def _owners(self, start: float, end: float) -> dict[tuple[str, str], tuple[str, str, str, str]]:
         """(namespace, pod) → (workload_kind, workload, team, feature) as the ledger knows it, in the window
         or after it (a pod's name carries its ReplicaSet or Job hash: one pod, one owner)."""
+        cached = self._owner_cache.get(start)
+        if cached is not None:  # a report reads units and servers of one window: one scan, not two
+            return cached
         rows = self.conn.execute(
             "SELECT namespace, pod, max(workload_kind), max(workload), max(team), max(feature) FROM unit_minutes "
             "WHERE minute >= ? AND workload != '' GROUP BY namespace, pod", (start,))
-        return {(ns, pod): (kind or "", wl or "", team or "", feat or "") for ns, pod, kind, wl, team, feat in rows}
+        out = {(ns, pod): (kind or "", wl or "", team or "", feat or "") for ns, pod, kind, wl, team, feat in rows}
+        self._owner_cache = {start: out}
+        return out
 
     @staticmethod
     def _with_owner(row: dict[str, Any], owners: dict[tuple[str, str], tuple[str, str, str, str]]) -> dict[str, Any]:
