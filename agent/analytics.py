@@ -11,6 +11,11 @@ from dataclasses import dataclass, replace
 from agent.config import IdleConfig, SaturationConfig
 from agent.model import NO_OWNER, Accrual, InferenceView, Owner, UnitRow, UnitView
 
+# how long the cost counters of a series no longer live are kept, should it come back (a kubelet blip,
+# a restart: no counter reset); a deleted pod's never comes back, so pod churn leaves nothing behind
+DORMANT_KEEP_S = 86400.0
+DORMANT_MAX = 20000  # and never more than this many, whatever their age
+
 
 def unit_key(row: UnitRow) -> tuple[str, str]:
     return (row.uuid, row.owner.pod_uid or f"{row.owner.namespace}/{row.owner.pod}")
@@ -78,20 +83,25 @@ class CostLedger:
         self.totals: dict[tuple[tuple[str, ...], Owner, str], float] = defaultdict(float)
         self.by_pod: dict[str, float] = defaultdict(float)  # pod uid (or ns/pod) → dollars, monotonic
         self.restored = False
-        # totals of series not live now (restored, or gone for a moment): a series that comes back
-        # continues from here, so a kubelet blip or a restart is never a counter reset
-        self._dormant: dict[tuple[tuple[str, ...], Owner, str], float] = {}
+        # totals of series not live now (restored, or gone for a moment) and since when (monotonic; None:
+        # restored, counted from the first update): a series that comes back within DORMANT_KEEP_S
+        # continues from here, so a kubelet blip or a restart is never a counter reset. Older ones are
+        # forgotten (a deleted pod's series never comes back; one that does starts from zero, which
+        # rate() and increase() read as the reset it is), so pod churn cannot grow this map.
+        self._dormant: dict[tuple[tuple[str, ...], Owner, str], tuple[float, float | None]] = {}
+        self._untimed = False
 
     def restore(self, totals: dict[tuple[tuple[str, ...], Owner, str], float]) -> None:
         """Counters continue where the ledger says they stopped (no reset seen by Prometheus): restored
         totals wait, dormant, until their series is live again (the kubelet may answer after NVML)."""
         for k, v in totals.items():
-            self._dormant[k] = max(self._dormant.get(k, 0.0), v)
+            self._dormant[k] = (max(self._dormant.get(k, (0.0, None))[0], v), None)
+        self._untimed = True
         self.restored = True
 
     def _add(self, key: tuple[tuple[str, ...], Owner, str], dollars: float) -> None:
         if key not in self.totals and key in self._dormant:
-            self.totals[key] = self._dormant.pop(key)
+            self.totals[key] = self._dormant.pop(key)[0]
         self.totals[key] += dollars
 
     def update(self, views: Sequence[UnitView], node: str, now: float, wall: float | None = None) -> list[Accrual]:
@@ -124,10 +134,21 @@ class CostLedger:
         # owner-less series (free, or unknown holder) lives as long as the unit
         for k in [k for k in self.totals
                   if (k[0], k[1]) not in live and not (k[1] == NO_OWNER and k[0] in live_units)]:
-            self._dormant[k] = self.totals.pop(k)
-        while len(self._dormant) > 20000:  # bounded under pod churn: the oldest series are forgotten
-            del self._dormant[next(iter(self._dormant))]
+            self._dormant[k] = (self.totals.pop(k), now)
+        self._forget(now)
         return accruals
+
+    def _forget(self, now: float) -> None:
+        """Drop dormant totals gone longer than DORMANT_KEEP_S, and beyond DORMANT_MAX the oldest
+        whatever their age (insertion order is age order: restored ones first, timed from now)."""
+        if self._untimed:
+            self._dormant = {k: (v, now if since is None else since) for k, (v, since) in self._dormant.items()}
+            self._untimed = False
+        while self._dormant:
+            key = next(iter(self._dormant))
+            if now - self._dormant[key][1] <= DORMANT_KEEP_S and len(self._dormant) <= DORMANT_MAX:
+                break
+            del self._dormant[key]
 
     def rows(self) -> list[tuple[tuple[str, ...], Owner, str, float]]:
         return [(labels, owner, state, v) for (labels, owner, state), v in sorted(self.totals.items(), key=_sort)]

@@ -391,6 +391,10 @@ def _prepare(conn: sqlite3.Connection) -> None:
 
 
 WAL_LIMIT_BYTES = 8 * 2**20  # what a checkpointed WAL file is cut back to
+BATCH_ITEMS = 64  # queue items (minutes) per transaction
+BLOCK_TIMEOUT_S = 30.0  # how long a blocking put waits for a stuck disk before it drops and counts
+COUNTER_KEEP_S = 86400  # counters rows of series gone this long are deleted (see analytics.DORMANT_KEEP_S)
+FREE_PAGES_KEPT = 256  # free pages (1 MiB) left for reuse before they are given back
 
 _UPSERT_UNITS = (
     f"INSERT INTO unit_minutes ({', '.join(UNIT_COLUMNS)}) VALUES ({', '.join('?' * len(UNIT_COLUMNS))}) "
@@ -425,10 +429,13 @@ class HistoryWriter:
     """The writer thread: the only code that touches the file while the agent runs."""
 
     def __init__(self, path: str, *, retention: float = 35 * 86400.0, max_bytes: int = 512 * 2**20,
-                 clock: Any = None) -> None:
+                 clock: Any = None, block: bool = False) -> None:
         self.path = path
         self.retention = retention
         self.max_bytes = max_bytes
+        # the bound is the file on disk: the WAL's room comes out of it (cut back to it at checkpoints)
+        self.wal_bytes = min(WAL_LIMIT_BYTES, max_bytes // 8)
+        self.block = block  # a headless fast-forward waits for the disk instead of dropping minutes
         self.clock = clock
         self.write_errors = 0
         self.dropped = 0
@@ -439,6 +446,7 @@ class HistoryWriter:
         self._ret_mono = 0.0
         self._ret_last = 0.0  # the newest minute housekeeping has seen
         self._conn = open_store(path)
+        self._conn.execute(f"PRAGMA journal_size_limit={self.wal_bytes}")
         self._thread = threading.Thread(target=self._run, name="gpucap-history", daemon=True)
         self._stop = threading.Event()
         self._idle = threading.Event()
@@ -446,10 +454,14 @@ class HistoryWriter:
         self._thread.start()
 
     def put(self, kind: str, payload: Any) -> None:
-        """Never blocks: a full queue drops the item and counts it (the disk is far behind)."""
+        """Never blocks the daemon: a full queue drops the item and counts it (the disk is far behind).
+        A headless fast-forward (`block`) produces minutes faster than any disk: it waits instead."""
         try:
             self._idle.clear()
-            self._queue.put_nowait((kind, payload))
+            if self.block and self._thread.is_alive():
+                self._queue.put((kind, payload), timeout=BLOCK_TIMEOUT_S)
+            else:
+                self._queue.put_nowait((kind, payload))
         except queue.Full:
             self.dropped += 1
             self.write_errors += 1
@@ -471,7 +483,7 @@ class HistoryWriter:
                 self._idle.set()
                 continue
             batch = self._failed + [item]
-            while True:
+            while len(batch) < BATCH_ITEMS:  # one transaction each: the WAL grows with the largest one
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
@@ -484,17 +496,19 @@ class HistoryWriter:
 
     def _write(self, batch: list[tuple[str, Any]]) -> None:
         try:
+            # every item carries all live counters, the newest win: only the batch's last are written
+            last_counters = next((p[3] for kind, p in reversed(batch) if kind == "minutes"), [])
             with self._conn:
                 for kind, payload in batch:
                     if kind == "minutes":
-                        units, servers, nodes, counters = payload
+                        units, servers, nodes, _ = payload
                         self._conn.executemany(_UPSERT_UNITS, units)
                         self._conn.executemany(_UPSERT_SERVERS, servers)
                         self._conn.executemany(_UPSERT_NODES, nodes)
-                        self._conn.executemany(_UPSERT_COUNTERS, counters)
                     elif kind == "rebook":
                         uuid, (ns, pod, container), streak = payload
                         self._conn.execute(_REBOOK, (uuid, ns, pod, container, streak))
+                self._conn.executemany(_UPSERT_COUNTERS, last_counters)
             try:
                 self._housekeeping(batch)
             except sqlite3.Error as e:  # the batch is committed: never write it again
@@ -538,10 +552,14 @@ class HistoryWriter:
         with self._conn:
             for table in ("unit_minutes", "server_minutes", "node_minutes"):
                 self._conn.execute(f"DELETE FROM {table} WHERE minute < ?", (cutoff,))
-            self._conn.execute("DELETE FROM counters WHERE last_minute < ?", (cutoff,))
-        # the size bound: drop the oldest hours until the data fits
+            # a series not updated for a day is a deleted pod's: nothing will continue its counter
+            self._conn.execute("DELETE FROM counters WHERE last_minute < ?",
+                               (max(cutoff, newest - COUNTER_KEEP_S),))
+        # the size bound: drop the oldest hours until the data fits beside the WAL's room, then give
+        # the freed pages back to the file system and cut the WAL back to nothing
+        deleted = False
         for _ in range(1000):
-            if self.size() <= self.max_bytes:
+            if self.size() <= self.max_bytes - self.wal_bytes:
                 break
             oldest = self._conn.execute("SELECT min(minute) FROM unit_minutes").fetchone()[0]
             if oldest is None:
@@ -549,7 +567,10 @@ class HistoryWriter:
             with self._conn:
                 for table in ("unit_minutes", "server_minutes", "node_minutes"):
                     self._conn.execute(f"DELETE FROM {table} WHERE minute < ?", (oldest + 3600,))
+            deleted = True
+        if deleted or self._conn.execute("PRAGMA freelist_count").fetchone()[0] > FREE_PAGES_KEPT:
             self._conn.execute("PRAGMA incremental_vacuum")
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def size(self) -> int:
         pages = self._conn.execute("PRAGMA page_count").fetchone()[0]
@@ -585,8 +606,9 @@ class HistoryWriter:
 class HistoryRecorder:
     """`on_state` hook of the Agent: the Ledger (aggregation) plus its writer; flushes on close."""
 
-    def __init__(self, path: str, node: str, *, retention: float = 35 * 86400.0, max_bytes: int = 512 * 2**20):
-        self.writer = HistoryWriter(path, retention=retention, max_bytes=max_bytes)
+    def __init__(self, path: str, node: str, *, retention: float = 35 * 86400.0, max_bytes: int = 512 * 2**20,
+                 block: bool = False):
+        self.writer = HistoryWriter(path, retention=retention, max_bytes=max_bytes, block=block)
         self.ledger = Ledger(node, self.writer)
         self.path = path
 

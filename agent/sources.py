@@ -190,7 +190,7 @@ def build_runtime(config: Config, *, simulate: str | None = None, speed: float =
 
         try:
             recorder = HistoryRecorder(history, node_name, retention=config.history.retention,
-                                       max_bytes=config.history.max_bytes)
+                                       max_bytes=config.history.max_bytes, block=not realtime)
         except (OSError, sqlite3.Error) as e:
             # a ledger that cannot be opened must not stop the agent: it serves /metrics without one
             log.error("history %s cannot be opened (%s): running without a ledger", history, e)

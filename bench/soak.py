@@ -8,7 +8,7 @@ namespace label and ledger key). Every simulated 6 hours it records what must st
 - series on /metrics (the real exposition of the state) against the live pods: deleted pods' series
   disappear, so the count follows the live pods, never the pods seen;
 - RSS of the process (psutil), and its threads;
-- the ledger's size on disk against `history.max_bytes`.
+- the ledger's size on disk (file and WAL) against `history.max_bytes`, and that it lost no minute.
 
 It exits 1 if a bound does not hold. Usage (about 3-6 minutes here; figures in docs/reliability.md):
 
@@ -116,11 +116,14 @@ def soak(days: float, pods: int, max_bytes: int) -> dict[str, Any]:
     try:
         fast_forward(rt, days * 86400.0, on_state=on_state)
         rt.history.writer.wait_idle(30.0)
+        dropped = rt.history.writer.dropped
+        write_errors = rt.history.writer.write_errors
     finally:
         rt.close()
     wall = time.perf_counter() - t0
     return {"days": days, "pods_created": len(seen_pods), "wall_seconds": round(wall, 1), "samples": samples,
-            "max_bytes_mib": round(max_bytes / 2**20, 2), "ledger_mib_final": round(_ledger_bytes(ledger) / 2**20, 2)}
+            "max_bytes_mib": round(max_bytes / 2**20, 2), "ledger_mib_final": round(_ledger_bytes(ledger) / 2**20, 2),
+            "ledger_minutes_dropped": dropped, "ledger_write_errors": write_errors}
 
 
 def check(result: dict[str, Any]) -> list[str]:
@@ -140,6 +143,11 @@ def check(result: dict[str, Any]) -> list[str]:
         problems.append(f"RSS grows: {day1} MiB after a day, {s[-1]['rss_mib']} MiB at the end")
     if max(x["os_threads"] for x in s) - min(x["os_threads"] for x in s) > 4:
         problems.append(f"threads not flat: {[x['os_threads'] for x in s]}")
+    if result["ledger_minutes_dropped"] or result["ledger_write_errors"]:
+        problems.append(f"the ledger lost minutes: {result['ledger_minutes_dropped']} dropped, "
+                        f"{result['ledger_write_errors']} write errors")
+    if max(x["ledger_mib"] for x in s) > result["max_bytes_mib"] * 1.05 + 1:
+        problems.append(f"ledger reached {max(x['ledger_mib'] for x in s)} MiB, over its bound")
     if result["ledger_mib_final"] > result["max_bytes_mib"] * 1.05 + 1:
         problems.append(f"ledger {result['ledger_mib_final']} MiB over its bound {result['max_bytes_mib']} MiB")
     return problems
