@@ -21,6 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
+from collectors.simulated.serving import IDLE_POLL_S, stop_serving
+
 # Modes for `SimulatedApiServer.set_down`.
 UP = "up"
 REFUSED = "refused"  # listening socket closed: clients get ECONNREFUSED
@@ -191,7 +193,7 @@ class SimulatedApiServer:
         handler = type("Handler", (_Handler,), {"api": self})
         self._httpd = _Server(("127.0.0.1", self._port), handler)
         self._port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="sim-apiserver",
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(IDLE_POLL_S,), name="sim-apiserver",
                                         daemon=True)
         self._thread.start()
         return self
@@ -200,7 +202,7 @@ class SimulatedApiServer:
         """Stop listening and wait for the requests in flight (a hanging one is released first)."""
         self._release.set()
         if self._httpd is not None:
-            self._httpd.shutdown()
+            stop_serving(self._httpd)
             self._httpd.drop_connections()
             self._httpd.server_close()
             self._httpd = None

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Self
 
+from collectors.simulated.serving import IDLE_POLL_S, stop_serving
 from collectors.simulated.traffic import (
     FAILURE_FRACTION,
     MAX_STEP_S,
@@ -174,7 +175,7 @@ class InferenceHTTPServer:
         self._port = httpd.server_address[1]
         self._thread = threading.Thread(
             target=httpd.serve_forever,
-            kwargs={"poll_interval": 0.05},
+            kwargs={"poll_interval": IDLE_POLL_S},  # no polling: stop() wakes the loop
             name=f"sim-inference-{httpd.server_address[1]}",
             daemon=True,
         )
@@ -187,7 +188,7 @@ class InferenceHTTPServer:
         if httpd is None:
             return
         self.stopping.set()
-        httpd.shutdown()
+        stop_serving(httpd)
         httpd.server_close()
         if self._thread is not None:
             self._thread.join(timeout=2.0)
