@@ -13,6 +13,7 @@ the pods) declares it in `needs` and gets the fresh value passed in.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -33,6 +34,7 @@ log = logging.getLogger("gpucap.loop")
 MAX_BACKOFF = 60.0  # an unreachable source is retried at least once a minute: it comes back quickly
 MAX_WAIT = 3600.0  # real seconds a source thread sleeps at most between loops
 STALL_SLACK = 30.0  # real seconds past its next expected loop before a source thread counts as stalled
+FREEZE_AFTER = 5  # evaluations before start-up's objects are frozen out of the cyclic GC (every source has read)
 WATCHDOG_PERIOD = 1.0
 
 
@@ -360,6 +362,7 @@ class Agent:
         return ok, "; ".join(parts)
 
     def _eval_loop(self) -> None:
+        evaluations = 0
         while not self._stop.is_set():
             self._dirty.wait(timeout=5.0)
             self._dirty.clear()
@@ -369,6 +372,13 @@ class Agent:
                 self.evaluate_now()
             except Exception:
                 log.exception("evaluation failed")
+            evaluations += 1
+            if evaluations == FREEZE_AFTER:
+                # what start-up built (modules, clients, the first readings: ~160,000 objects) lives as
+                # long as the process: kept out of the cyclic collector, whose full passes over it cost
+                # ~130 ms each, triggered by the allocations of encoding /metrics (docs/performance.md)
+                gc.collect()
+                gc.freeze()
             self._stop.wait(0.2)
 
     def stop(self, deadline: float = 1.0) -> None:
