@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from socketserver import BaseServer
 
 IDLE_POLL_S = 3600.0
@@ -22,12 +23,11 @@ def stop_serving(httpd: BaseServer, timeout: float = 5.0) -> None:
     stopper = threading.Thread(target=httpd.shutdown, name="sim-http-stop", daemon=True)
     stopper.start()
     host, port = httpd.server_address[:2]  # type: ignore[misc]
-    waited = 0.0
-    while stopper.is_alive() and waited < timeout:
+    deadline = time.monotonic() + timeout
+    while stopper.is_alive() and time.monotonic() < deadline:
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 pass
         except OSError:
             pass
         stopper.join(0.02)
-        waited += 0.02
