@@ -276,7 +276,6 @@ class KubernetesCollector:
         self.request_timeout = request_timeout
         self._client = api_client
         self._owns_client = api_client is None
-        self._apis: tuple[Any, Any, Any] | None = None
         self._node = _Expiring(resync_seconds)
         self._namespaces = _Expiring(resync_seconds)
         self._owners = _Expiring(resync_seconds)
@@ -307,47 +306,57 @@ class KubernetesCollector:
         if self._owns_client and self._client is not None:
             self._client.close()
             self._client = None
-            self._apis = None
 
     # ---- internals ---------------------------------------------------------------------
-    def _api(self) -> tuple[Any, Any, Any]:
-        if self._apis is None:
+    def _api(self) -> Any:
+        if self._client is None:
             try:
-                from kubernetes import client
+                import kubernetes  # noqa: F401
             except ImportError as err:
                 raise SourceUnavailable(SOURCE, "the kubernetes package is not installed", err) from err
-            if self._client is None:
-                try:
-                    self._client = _load_api_client(self.kubeconfig)
-                except Exception as err:  # ConfigException, missing file, bad YAML: all mean "no cluster"
-                    raise SourceUnavailable(SOURCE, f"no in-cluster config or kubeconfig: {err}", err) from err
-            self._apis = (client.CoreV1Api(self._client), client.AppsV1Api(self._client),
-                          client.BatchV1Api(self._client))
-        return self._apis
+            try:
+                self._client = _load_api_client(self.kubeconfig)
+            except Exception as err:  # ConfigException, missing file, bad YAML: all mean "no cluster"
+                raise SourceUnavailable(SOURCE, f"no in-cluster config or kubeconfig: {err}", err) from err
+        return self._client
 
-    def _get(self, what: str, call: Callable[..., Any], *args: Any, missing_ok: bool = False,
-             **kwargs: Any) -> Any:
-        """One request, JSON-decoded; transport and API errors become SourceErrors."""
+    def _get(self, what: str, path: str, *, query: Sequence[tuple[str, str]] = (),
+             missing_ok: bool = False, **path_params: str) -> Any:
+        """One GET through the client's ApiClient (its configuration, credentials, TLS and connection
+        pool), JSON-decoded; transport and API errors become SourceErrors.
+
+        Not through the generated CoreV1Api/AppsV1Api/BatchV1Api: importing those classes and
+        building their pydantic validators costs about 28 MiB of the agent's memory for five GETs
+        whose JSON the collector reads itself (docs/architecture.md, "The Kubernetes client").
+        """
+        api = self._api()  # SourceUnavailable without the package
         import urllib3
         from kubernetes.client.exceptions import ApiException
 
         try:
-            resp = call(*args, _preload_content=False, _request_timeout=self.request_timeout, **kwargs)
-            return json.loads(resp.data)
-        except ApiException as err:
-            if missing_ok and err.status == 404:
-                return None
-            cls = SourceUnavailable if err.status in (0, 429) or (err.status or 0) >= 500 else SourceError
-            raise cls(SOURCE, f"{what}: HTTP {err.status} {err.reason}", err) from err
+            request = api.param_serialize("GET", path, path_params=path_params or None,
+                                          query_params=list(query), header_params={"Accept": "application/json"},
+                                          auth_settings=["BearerToken"])
+            resp = api.call_api(*request, _request_timeout=self.request_timeout)
+            status, body = resp.status, resp.read()
+        except ApiException as err:  # the REST layer's own: TLS and proxy failures (status 0)
+            raise SourceUnavailable(SOURCE, f"{what}: HTTP {err.status} {err.reason}", err) from err
         except (urllib3.exceptions.HTTPError, OSError) as err:
             raise SourceUnavailable(SOURCE, f"{what}: {type(err).__name__}: {err}", err) from err
+        if not 200 <= status <= 299:
+            if missing_ok and status == 404:
+                return None
+            cls = SourceUnavailable if status == 429 or status >= 500 else SourceError
+            raise cls(SOURCE, f"{what}: HTTP {status} {resp.reason}")
+        try:
+            return json.loads(body)
         except ValueError as err:
             raise SourceError(SOURCE, f"{what}: response is not JSON", err) from err
 
-    def _soft_get(self, what: str, call: Callable[..., Any], *args: Any) -> Any:
+    def _soft_get(self, what: str, path: str, **path_params: str) -> Any:
         """For enrichment reads: not found or forbidden means "unknown", only an outage fails the cycle."""
         try:
-            return self._get(what, call, *args, missing_ok=True)
+            return self._get(what, path, missing_ok=True, **path_params)
         except SourceUnavailable:
             raise
         except SourceError as err:
@@ -357,30 +366,30 @@ class KubernetesCollector:
 
     def _refresh(self, now: float) -> KubeMetadata:
         lookup_errors = self.lookup_errors
-        core, apps, batch = self._api()
-        pod_list = self._get("list pods", core.list_pod_for_all_namespaces,
-                             field_selector=f"spec.nodeName={self.node_name}", resource_version="0")
+        pod_list = self._get("list pods", "/api/v1/pods",
+                             query=(("fieldSelector", f"spec.nodeName={self.node_name}"), ("resourceVersion", "0")))
         node = self._node.get(self.node_name, now, lambda: self._get(
-            f"read node {self.node_name}", core.read_node, self.node_name))
+            f"read node {self.node_name}", "/api/v1/nodes/{name}", name=self.node_name))
         if not isinstance(pod_list, Mapping) or not isinstance(node, Mapping):
             raise SourceError(SOURCE, "API answered with something that is not a Kubernetes object")
         pods = [p for p in (pod_list.get("items") or []) if isinstance(p, Mapping)]
         ns_labels: dict[str, Mapping[str, str]] = {}
         for ns in {(p.get("metadata") or {}).get("namespace") for p in pods} - {None}:
             obj = self._namespaces.get(ns, now, lambda ns=ns: self._soft_get(
-                f"read namespace {ns}", core.read_namespace, ns))
+                f"read namespace {ns}", "/api/v1/namespaces/{name}", name=ns))
             ns_labels[ns] = ((obj or {}).get("metadata") or {}).get("labels") or {}
 
-        def lookup(kind: str, read: Callable[..., Any]) -> OwnerLookup:
+        def lookup(kind: str, path: str) -> OwnerLookup:
             def owner_refs(ns: str, name: str) -> Sequence[Mapping[str, Any]] | None:
                 def fetch() -> Sequence[Mapping[str, Any]] | None:
-                    obj = self._soft_get(f"read {kind} {ns}/{name}", read, name, ns)
+                    obj = self._soft_get(f"read {kind} {ns}/{name}", path, namespace=ns, name=name)
                     return None if obj is None else (obj.get("metadata") or {}).get("ownerReferences") or []
                 return self._owners.get((ns, kind, name), now, fetch)
             return owner_refs
 
-        meta = _assemble(node, pods, ns_labels, lookup("ReplicaSet", apps.read_namespaced_replica_set),
-                         lookup("Job", batch.read_namespaced_job), self.team_label_keys, now,
+        meta = _assemble(node, pods, ns_labels,
+                         lookup("ReplicaSet", "/apis/apps/v1/namespaces/{namespace}/replicasets/{name}"),
+                         lookup("Job", "/apis/batch/v1/namespaces/{namespace}/jobs/{name}"), self.team_label_keys, now,
                          self.feature_label_keys)
         for cache in (self._node, self._namespaces, self._owners):
             cache.prune(now)
