@@ -375,12 +375,11 @@ class MetricsServer:
         return self
 
     def _accept_loop(self) -> None:
-        self._sock.settimeout(0.2)
+        # A blocking accept: an idle agent's HTTP thread sleeps in the kernel instead of waking five
+        # times a second (0.06 % of a core on `large`); stop() wakes it by shutting the socket down.
         while not self._closing.is_set():
             try:
                 conn, addr = self._sock.accept()
-            except TimeoutError:
-                continue
             except OSError:
                 if self._closing.is_set():
                     return
@@ -426,9 +425,13 @@ class MetricsServer:
         """Stop accepting, then let the requests in flight finish (up to `deadline` seconds):
         the scrape that was running when SIGTERM came still gets its answer."""
         self._closing.set()
-        _close(self._sock)
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (EINVAL on Linux)
+        except OSError:
+            pass
         if self._thread.is_alive():
             self._thread.join(timeout=1.0)
+        _close(self._sock)
         end = time.monotonic() + deadline
         with self._inflight_lock:
             while self._inflight > 0 and time.monotonic() < end:
