@@ -124,6 +124,7 @@ class Agent:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._dirty = threading.Event()
+        self.gc_frozen = False  # start-up's objects are out of the cyclic GC (after FREEZE_AFTER evaluations)
         self._threads: list[threading.Thread] = []
         self.evaluations = 0
         self.evaluation_errors = 0
@@ -388,6 +389,7 @@ class Agent:
                 # ~130 ms each, triggered by the allocations of encoding /metrics (docs/performance.md)
                 gc.collect()
                 gc.freeze()
+                self.gc_frozen = True
             self._stop.wait(MIN_GAP_S)  # a sped-up simulation evaluates at most 5 times a real second
 
     def stop(self, deadline: float = 1.0) -> None:

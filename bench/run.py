@@ -13,8 +13,9 @@ Figures (each a median over `--runs` repetitions with the min–max spread):
   prometheus_client encoding the same series from static families (no state, no HTTP);
 - bytes per scrape, plain and gzip; series count;
 - CPU as a fraction of one core per thread group at default intervals with a scrape every 15 s,
-  read from /proc/self/task/*/stat (every thread is named, see agent/threads.py); simulator
-  threads are reported apart from the agent's;
+  read from /proc/self/task/*/schedstat in nanoseconds (every thread is named, see
+  agent/threads.py); simulator threads are reported apart from the agent's, and so is the CPU the
+  simulated NVML spends inside the agent's NVML thread (on a node that time is the driver's);
 - RSS over many cycles (virtual clock), NVML calls per cycle per unit, CPU per cycle;
 - the scale series (1, 8, 64, 256 units) and its slope in ms of CPU per unit.
 Record the figures in docs/performance.md with the command that produced them.
@@ -71,7 +72,6 @@ except ImportError:  # pragma: no cover - older trees
     from agent.exposition import MetricsServer  # type: ignore[assignment]
 
 START = 1767225600.0
-TICKS = os.sysconf("SC_CLK_TCK")
 PROMETHEUS = {"Accept": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
               "Accept-Encoding": "gzip"}
 
@@ -123,10 +123,19 @@ class Running:
 
     def __init__(self, scenario: str):
         self.rt = build_runtime(Config(), simulate=scenario, realtime=True, start=START)
+        self.rt.agent.sources["nvml"].collector.call_clock = time.thread_time  # CPU inside NVML calls
         self.rt.agent.start()
         deadline = time.monotonic() + 60
         while self.rt.agent.state is None and time.monotonic() < deadline:
             time.sleep(0.05)
+
+    def warm(self) -> None:
+        """Past start-up: every source has run, GPM has two samples, the first scrape is encoded, and
+        start-up's objects are frozen out of the GC (that one full collection is start-up's cost)."""
+        time.sleep(12.0)
+        deadline = time.monotonic() + 60
+        while not getattr(self.rt.agent, "gc_frozen", True) and time.monotonic() < deadline:
+            time.sleep(0.1)
         self.server = MetricsServer("127.0.0.1", 0, lambda: self.rt.agent.state,
                                     lambda: self.rt.agent.last_evaluation_real).start()
         self.port = self.server.port
@@ -157,7 +166,7 @@ def floor(state: Any, reps: int) -> list[float]:
 def measure_scrapes(scenario: str, n: int, floor_reps: int) -> dict[str, float]:
     a = Running(scenario)
     try:
-        time.sleep(12.0)  # every source has run, GPM has two samples
+        a.warm()
         state = a.rt.agent.state
         body, _ = exposition.encode_for(state)
         gz, _ = exposition.encode_for(state, "", "gzip")
@@ -178,18 +187,25 @@ def measure_scrapes(scenario: str, n: int, floor_reps: int) -> dict[str, float]:
 
 # --- CPU per thread group ---------------------------------------------------------------------
 def thread_cpu() -> dict[str, float]:
-    """CPU seconds per live thread, by kernel name (tid appended so two threads never merge)."""
+    """CPU seconds per live thread, by kernel name (tid appended so two threads never merge), from
+    schedstat's nanoseconds on CPU: /proc/*/stat counts in clock ticks (10 ms), too coarse for
+    threads that run a few milliseconds a minute."""
     out = {}
     for tid in os.listdir("/proc/self/task"):
         try:
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                raw = f.read()
-        except OSError:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                comm = f.read().strip()
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                ns = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
             continue  # it exited meanwhile
-        comm = raw[raw.index("(") + 1:raw.rindex(")")]
-        rest = raw[raw.rindex(")") + 2:].split()
-        out[f"{comm}#{tid}"] = (int(rest[11]) + int(rest[12])) / TICKS
+        out[f"{comm}#{tid}"] = ns / 1e9
     return out
+
+
+def sim_nvml_cpu(a: Running) -> float:
+    """CPU seconds spent inside (simulated) NVML calls so far, on the agent's NVML thread."""
+    return sum(st.total for st in a.rt.agent.sources["nvml"].collector.calls.values())
 
 
 def group(comm: str) -> str:
@@ -213,13 +229,13 @@ def group(comm: str) -> str:
 def measure_cpu(scenario: str, seconds: float) -> dict[str, float]:
     a = Running(scenario)
     try:
-        time.sleep(12.0)  # warm: every source has run, GPM has two samples, first scrape encoded
+        a.warm()
         scr = scrape_from_process(a.port, n=int(seconds // 15) + 2, every=15.0, prometheus=True)
         proc = psutil.Process()
         mark = len(_EXITED)
-        t0, w0, p0 = thread_cpu(), time.monotonic(), proc.cpu_times()
+        t0, w0, p0, n0 = thread_cpu(), time.monotonic(), proc.cpu_times(), sim_nvml_cpu(a)
         time.sleep(seconds)
-        t1, w1, p1 = thread_cpu(), time.monotonic(), proc.cpu_times()
+        t1, w1, p1, n1 = thread_cpu(), time.monotonic(), proc.cpu_times(), sim_nvml_cpu(a)
         exited = _EXITED[mark:]
         scr.kill()
         wall = w1 - w0
@@ -230,6 +246,9 @@ def measure_cpu(scenario: str, seconds: float) -> dict[str, float]:
             key = f"{comm}#{tid}"
             if key not in t1:
                 groups[group(key)] += max(0.0, cpu - t0.get(key, 0.0))
+        # the simulated NVML answers inside the agent's NVML thread: simulator time, not the agent's
+        groups["agent: collectors"] -= n1 - n0
+        groups["simulator: NVML (in the agent's NVML thread)"] += n1 - n0
         total = (p1.user + p1.system) - (p0.user + p0.system)
         groups["unaccounted (native threads that ended)"] += max(0.0, total - sum(groups.values()))
         out = {f"cpu% {g}": 100 * v / wall for g, v in groups.items()}

@@ -102,6 +102,23 @@ def test_one_state_is_encoded_once_and_a_new_state_gives_new_bytes() -> None:
     assert sum(v for _, v in samples(body3.decode(), cost)) > sum(v for _, v in samples(body1.decode(), cost))
 
 
+def test_a_new_states_body_is_byte_for_byte_what_prometheus_client_encodes() -> None:
+    """Unchanged families are reused from the last encoding, changed ones encoded again: the body is
+    still exactly prometheus_client's encoding of the whole state, in both formats."""
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+    with simulated("demo") as rt:
+        states = [run_to(rt, t) for t in (60, 70, 600, 900, 4000)]  # the notebook turns idle reserved at 15 m
+    r0, e0 = exposition._families.reused, exposition._families.encoded
+    for st in states:
+        reg = exposition.make_registry(lambda st=st: st)
+        assert encode_for(st, "text/plain", "")[0] == generate_latest(reg)
+        assert encode_for(st, OPENMETRICS, "")[0] == generate_openmetrics(reg)
+    reused, encoded = exposition._families.reused - r0, exposition._families.encoded - e0
+    assert reused > 0 and encoded > 0, (reused, encoded)  # both paths ran
+
+
 def test_text_openmetrics_and_gzip_are_each_right_for_the_same_state() -> None:
     with simulated("demo") as rt:
         st = run_to(rt, 60)
