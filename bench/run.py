@@ -38,6 +38,13 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# The image installs gpucap's runtime dependencies only. A development checkout also has the test
+# extra, and `kubernetes` imports `kubernetes_validate` (with jsonschema: 3 MiB, 50 modules) whenever
+# it is importable; gpucap never uses it. Blocked here so RSS is what the agent's image holds.
+TEST_ONLY = ("kubernetes_validate",)
+for _mod in TEST_ONLY:
+    sys.modules.setdefault(_mod, None)  # type: ignore[assignment]
+
 from agent.threads import name_native_threads
 
 name_native_threads()  # before any thread starts, so every thread is named
