@@ -148,7 +148,7 @@ def test_retention_and_size_bound(tmp_path: Path) -> None:
 def test_a_fast_forward_faster_than_the_disk_loses_no_minute(tmp_path: Path, monkeypatch) -> None:
     """A simulated week produces minutes far faster than a disk writes them: the headless run waits
     for the writer (a daemon would drop and count instead, never blocking /metrics)."""
-    import agent.history as history
+    from agent import history
 
     monkeypatch.setattr(history, "QUEUE_ITEMS", 2)
     slow = history.HistoryWriter._write
