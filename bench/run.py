@@ -16,7 +16,7 @@ Figures (each a median over `--runs` repetitions with the min–max spread):
   read from /proc/self/task/*/schedstat in nanoseconds (every thread is named, see
   agent/threads.py); simulator threads are reported apart from the agent's, and so is the CPU the
   simulated NVML spends inside the agent's NVML thread (on a node that time is the driver's);
-- RSS over many cycles (virtual clock), NVML calls per cycle per unit, CPU per cycle;
+- RSS over many cycles (virtual clock, in a fresh process), NVML calls per cycle per unit, CPU per cycle;
 - the scale series (1, 8, 64, 256 units) and its slope in ms of CPU per unit.
 Record the figures in docs/performance.md with the command that produced them.
 """
@@ -50,6 +50,7 @@ from agent.threads import name_native_threads
 name_native_threads()  # before any thread starts, so every thread is named
 
 _EXITED: list[tuple[int, str, float]] = []  # (native id, kernel name, CPU seconds) of threads that ended
+_RECORDING = threading.Event()  # set during a CPU window only: outside one the list would grow per collection
 _run = threading.Thread.run
 
 
@@ -59,8 +60,9 @@ def _counted_run(self: threading.Thread) -> None:
     try:
         _run(self)
     finally:
-        with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
-            _EXITED.append((threading.get_native_id(), f.read().strip(), time.thread_time()))
+        if _RECORDING.is_set():
+            with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+                _EXITED.append((threading.get_native_id(), f.read().strip(), time.thread_time()))
 
 
 threading.Thread.run = _counted_run  # type: ignore[method-assign]
@@ -239,11 +241,13 @@ def measure_cpu(scenario: str, seconds: float) -> dict[str, float]:
         a.warm()
         scr = scrape_from_process(a.port, n=int(seconds // 15) + 2, every=15.0, prometheus=True)
         proc = psutil.Process()
-        mark = len(_EXITED)
+        _EXITED.clear()
+        _RECORDING.set()
         t0, w0, p0, n0 = thread_cpu(), time.monotonic(), proc.cpu_times(), sim_nvml_cpu(a)
         time.sleep(seconds)
         t1, w1, p1, n1 = thread_cpu(), time.monotonic(), proc.cpu_times(), sim_nvml_cpu(a)
-        exited = _EXITED[mark:]
+        _RECORDING.clear()
+        exited = list(_EXITED)
         scr.kill()
         wall = w1 - w0
         groups: Counter = Counter()
@@ -295,6 +299,14 @@ def cycles(scenario: str, n: int, checkpoints: int = 5) -> dict[str, Any]:
         rt.close()
 
 
+def cycles_in_a_fresh_process(scenario: str, n: int) -> dict[str, Any]:
+    """`cycles` in a process of its own, so its RSS is an agent's that did only that, not one that
+    also ran the scrape and CPU measurements' agents before it (their heap stays fragmented)."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--cycles-child", scenario, str(n)],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 SCALE = """name: scale-{units}
 seed: 5
 node: {{name: scale-node, labels: {{node.kubernetes.io/instance-type: g6e.48xlarge}}}}
@@ -339,10 +351,14 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated: scrape,cpu,cycles,scale")
     ap.add_argument("--json", help="write every figure to this file")
     ap.add_argument("--scraper", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--cycles-child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.scraper:
         port, n, conc, every, prom = args.scraper
         scraper(int(port), int(n), int(conc), float(every), prom == "1")
+        return
+    if args.cycles_child:
+        print(json.dumps(cycles(args.cycles_child[0], int(args.cycles_child[1]))))
         return
     runs = args.runs or (1 if args.quick else 3)
     cpu_s = args.cpu_seconds or (30.0 if args.quick else 90.0)
@@ -372,7 +388,7 @@ def main() -> None:
 
     if "cycles" not in skip:
         t0 = time.monotonic()
-        cy = cycles(args.scenario, ncycles)
+        cy = cycles_in_a_fresh_process(args.scenario, ncycles)
         result["cycles"] = cy
         print(f"\n{ncycles} cycles on a virtual clock ({time.monotonic() - t0:.0f} s): {cy['units']} units, "
               f"{cy['cycle_cpu_ms']:.2f} ms CPU per cycle (collect + evaluate + encode), "
