@@ -16,6 +16,12 @@ import threading
 import time
 from typing import Any
 
+# gRPC's core logs at INFO straight to stderr (absl, before anything initialises it): a kubelet
+# restart printed "Got goaway ... Cancelling all calls" into `snapshot`'s table and the daemon's log,
+# where the collector already reports the kubelet's state once per cause. Errors still print, and a
+# GRPC_VERBOSITY set by the user wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import click
 
 from agent import __version__

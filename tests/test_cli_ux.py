@@ -248,3 +248,29 @@ def test_an_installed_gpucap_finds_the_playgrounds_alert_rules(tmp_path: Path) -
     assert installed in shipped, shipped
     assert (REPO / "deploy/helm/gpucap/rules/gpucap-alerts.yaml").read_bytes() == \
         zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("share/gpucap/rules/gpucap-alerts.yaml")))
+
+
+GOAWAY = """
+import os, sys
+os.environ.pop("GRPC_VERBOSITY", None)
+import agent.cli  # the command's process: what it sets before gRPC starts
+from collectors.podresources import PodResourcesCollector
+from collectors.simulated.clock import SimClock
+from collectors.simulated.environment import SimEnvironment
+from collectors.simulated.scenario import load_scenario
+env = SimEnvironment(load_scenario("demo"), SimClock(start=1767225600.0, realtime=False))
+c = PodResourcesCollector(env.kubelet_socket)
+c.collect(0.0)
+env.kubelet.stop()  # the kubelet restarts while the agent's channel is open
+import time; time.sleep(0.5)
+c.close(); env.close()
+print("done")
+"""
+
+
+def test_a_kubelet_going_away_prints_no_grpc_log_lines() -> None:
+    """gRPC's core prints its INFO lines ("Got goaway ...") to stderr unless told otherwise: in a
+    terminal they broke `snapshot`'s table, and on a node they flooded the log."""
+    out = subprocess.run([sys.executable, "-c", GOAWAY], cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert out.stdout.strip() == "done", out.stderr
+    assert "goaway" not in out.stderr.lower(), out.stderr
