@@ -137,17 +137,17 @@ class Running:
         deadline = time.monotonic() + 60
         while self.rt.agent.state is None and time.monotonic() < deadline:
             time.sleep(0.05)
+        self.server = MetricsServer("127.0.0.1", 0, lambda: self.rt.agent.state,
+                                    lambda: self.rt.agent.last_evaluation_real).start()
+        self.port = self.server.port
 
     def warm(self) -> None:
-        """Past start-up: every source has run, GPM has two samples, the first scrape is encoded, and
-        start-up's objects are frozen out of the GC (that one full collection is start-up's cost)."""
+        """Past start-up: every source has run, GPM has two samples, and start-up's objects are
+        frozen out of the GC (that one full collection is start-up's cost, not the steady state's)."""
         time.sleep(12.0)
         deadline = time.monotonic() + 60
         while not getattr(self.rt.agent, "gc_frozen", True) and time.monotonic() < deadline:
             time.sleep(0.1)
-        self.server = MetricsServer("127.0.0.1", 0, lambda: self.rt.agent.state,
-                                    lambda: self.rt.agent.last_evaluation_real).start()
-        self.port = self.server.port
 
     def close(self) -> None:
         self.server.stop()
